@@ -1,0 +1,23 @@
+//! ferroquant-core: the arithmetic of GPTQ post-training quantization.
+//!
+//! Pure Rust; knows nothing of Python, torch or model structure. Every matrix is a
+//! row-major `&[f32]` slice with explicit dimensions. One concern per module:
+//!
+//! - [`hessian`]   streaming `H = (2/n) Σ x xᵀ` accumulation (fp32/fp16/bf16 input, fp32 sums)
+//! - [`linalg`]    dead-column handling, damping, the Cholesky factor the solver needs,
+//!                 damping escalation
+//! - [`quantizer`] per-row/per-group scales and zero points (min-max, MSE grid search)
+//! - [`gptq`]      the column solver (lazy batches, groups, act-order, static groups)
+//! - [`pack`]      int2/3/4/8 bit packing for the GPTQ and compressed-tensors layouts
+//! - [`io`]        atomic, sharded safetensors writing
+//! - [`error`]     the one error type every fallible function returns
+
+pub mod error;
+pub mod gptq;
+pub mod hessian;
+pub mod io;
+pub mod linalg;
+pub mod pack;
+pub mod quantizer;
+
+pub use error::{Error, Result};
