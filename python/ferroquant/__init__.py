@@ -1,3 +1,44 @@
-"""ferroquant: GPTQ post-training quantization with a Rust core."""
+"""ferroquant: GPTQ post-training quantization for Hugging Face causal LMs, with a Rust core.
+
+The public surface is small::
+
+    import ferroquant as fq
+    report = fq.quantize(model, calibration, scheme="W4A16")   # in place, block by block
+    fq.save(model, "out", format="gptq")                         # or "compressed-tensors"
+    qmodel = fq.load("out")                                      # QuantLinear modules, generate() works
+"""
+
+from . import calibration
+from .api import quantize
+from .blocks import BlockDiscoveryError
+from .config import GPTQ, PRESET_SCHEMES, QuantizationArgs, QuantizationScheme
+from .formats import CheckpointError, convert, load, save
+from .nn import QuantLinear
+from .pipeline import (
+    LayerReport,
+    NonFiniteActivationError,
+    QuantizationReport,
+    UnreachedLayerError,
+)
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "GPTQ",
+    "PRESET_SCHEMES",
+    "BlockDiscoveryError",
+    "CheckpointError",
+    "LayerReport",
+    "NonFiniteActivationError",
+    "QuantLinear",
+    "QuantizationArgs",
+    "QuantizationReport",
+    "QuantizationScheme",
+    "UnreachedLayerError",
+    "__version__",
+    "calibration",
+    "convert",
+    "load",
+    "quantize",
+    "save",
+]

@@ -1,14 +1,49 @@
 """Typed torch-facing wrapper over ferroquant._core. OWNER: bindings helper.
 
-CONTRACT used by the pipeline and format helpers (signatures fixed; bodies to be written):
+CONTRACT used by the pipeline and format helpers (signatures fixed).
+
+Tensors cross into Rust as numpy views without copies where the input is already a contiguous
+CPU tensor of the dtype the core reads (float32 weights/Hessians, fp32/fp16/bf16 activations,
+uint8 codes, int32 words); anything else is converted once. bf16 has no numpy dtype, so it
+travels as its int16 bit pattern plus a dtype flag. CUDA tensors are moved to the CPU and the
+results moved back to the input's device (the CUDA path is a later issue).
+
+Errors from the core keep their type (``ValueError``, ``OSError``,
+``HessianNotPositiveDefiniteError`` - a ``RuntimeError``); with ``name=`` the message is prefixed
+``layer '<name>': ``.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from ferroquant import _core
+from ferroquant._core import HessianNotPositiveDefiniteError
+
+__all__ = [
+    "HessianAccumulator",
+    "HessianNotPositiveDefiniteError",
+    "LayerQuantResult",
+    "available_threads",
+    "gptq_quantize",
+    "pack_ct_weight",
+    "pack_ct_zero_point",
+    "pack_gptq_qweight",
+    "pack_gptq_qzeros",
+    "rtn_quantize",
+    "set_num_threads",
+    "unpack_ct_weight",
+    "unpack_ct_zero_point",
+    "unpack_gptq_qweight",
+    "unpack_gptq_qzeros",
+    "write_safetensors",
+]
 
 
 @dataclass
@@ -25,14 +60,128 @@ class LayerQuantResult:
     perm: torch.Tensor | None
 
 
+# --------------------------------------------------------------------------------------------
+# conversion helpers
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _named(name: str | None) -> Iterator[None]:
+    """Re-raise core errors with ``layer '<name>': `` in front, keeping the exception type."""
+    if name is None:
+        yield
+        return
+    try:
+        yield
+    except (ValueError, OSError, RuntimeError, TypeError) as e:
+        # Only the plain types the core raises are rebuilt; subclasses with other constructors
+        # (UnicodeError, ...) pass through untouched.
+        if type(e) not in _RENAMEABLE:
+            raise
+        raise type(e)(f"layer {name!r}: {e}") from e
+
+
+_RENAMEABLE = (ValueError, OSError, RuntimeError, TypeError, HessianNotPositiveDefiniteError)
+
+
+def _cpu(t: torch.Tensor, arg: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{arg}: expected a torch.Tensor, got {type(t).__name__}")
+    return t.detach().cpu() if t.device.type != "cpu" else t.detach()
+
+
+def _float32(t: torch.Tensor, arg: str) -> np.ndarray:
+    """float32 C-contiguous numpy view (copies only when dtype/layout/device require it)."""
+    t = _cpu(t, arg)
+    if not (t.is_floating_point()):
+        raise ValueError(f"{arg}: expected a floating-point tensor, got {t.dtype}")
+    return t.to(torch.float32).contiguous().numpy()
+
+
+def _integer(t: torch.Tensor, arg: str, dtype: torch.dtype) -> np.ndarray:
+    """Integer tensor as a contiguous numpy array of ``dtype`` (range-checked when converted)."""
+    t = _cpu(t, arg)
+    if t.dtype != dtype:
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise ValueError(f"{arg}: expected an integer tensor ({dtype}), got {t.dtype}")
+        info = torch.iinfo(dtype)
+        if t.numel() and (int(t.min()) < info.min or int(t.max()) > info.max):
+            raise ValueError(
+                f"{arg}: values must fit {dtype} ([{info.min}, {info.max}]), "
+                f"got range [{int(t.min())}, {int(t.max())}]"
+            )
+        t = t.to(dtype)
+    return t.contiguous().numpy()
+
+
+def _back(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    t = torch.from_numpy(a)
+    return t if device.type == "cpu" else t.to(device)
+
+
+def _result(r: dict, device: torch.device) -> LayerQuantResult:
+    perm = r["perm"]
+    return LayerQuantResult(
+        codes=_back(r["codes"], device),
+        scales=_back(r["scales"], device),
+        zeros=_back(r["zeros"], device),
+        g_idx=_back(r["g_idx"], device),
+        dequantized=_back(r["dequantized"], device),
+        loss=float(r["loss"]),
+        damp_frac=float(r["damp_frac"]),
+        damp_attempts=[float(a) for a in r["damp_attempts"]],
+        dead_columns=[int(d) for d in r["dead"]],
+        perm=None if perm is None else _back(perm, device),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Hessian
+# --------------------------------------------------------------------------------------------
+
+
 class HessianAccumulator:
     """Streams activations ``[..., in_features]`` (fp32/fp16/bf16 CPU tensors) into ``H``."""
 
-    def __init__(self, in_features: int) -> None: ...
-    def add_batch(self, x: torch.Tensor) -> None: ...
+    def __init__(self, in_features: int) -> None:
+        self._acc = _core.HessianAccumulator(in_features)
+
     @property
-    def samples(self) -> int: ...
-    def hessian(self) -> torch.Tensor: ...  # float32 [in, in]
+    def in_features(self) -> int:
+        return int(self._acc.columns)
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        """Adds every token of ``x`` (leading dimensions are flattened). float16 and bfloat16
+        are read as they are (fp32 accumulation); other float dtypes are converted to float32."""
+        x = _cpu(x, "x")
+        n = self.in_features
+        if x.dim() == 0 or x.shape[-1] != n:
+            raise ValueError(f"x: expected shape [..., {n}], got {list(x.shape)}")
+        x = x.reshape(-1, n).contiguous()
+        if x.dtype == torch.bfloat16:
+            self._acc.add_batch(x.view(torch.int16).numpy(), "bf16")
+        elif x.dtype in (torch.float16, torch.float32):
+            self._acc.add_batch(x.numpy())
+        elif x.is_floating_point():
+            self._acc.add_batch(x.to(torch.float32).numpy())
+        else:
+            raise ValueError(f"x: expected a floating-point tensor, got {x.dtype}")
+
+    def merge(self, other: HessianAccumulator) -> None:
+        """Adds ``other``'s samples, as if its batches had been added here."""
+        self._acc.merge(other._acc)
+
+    @property
+    def samples(self) -> int:
+        return int(self._acc.samples)
+
+    def hessian(self) -> torch.Tensor:  # float32 [in, in]
+        return torch.from_numpy(self._acc.hessian())
+
+
+# --------------------------------------------------------------------------------------------
+# quantization
+# --------------------------------------------------------------------------------------------
 
 
 def gptq_quantize(
@@ -50,26 +199,173 @@ def gptq_quantize(
     damp_max: float = 1.0,
     observer: str = "minmax",  # or "mse"
     name: str | None = None,  # layer name, prefixed to error messages
-) -> LayerQuantResult: ...
+) -> LayerQuantResult:
+    """GPTQ-quantizes one layer; results are on ``weight``'s device."""
+    with _named(name):
+        w = _float32(weight, "weight")
+        h = _float32(hessian, "hessian")
+        r = _core.gptq_quantize(
+            w,
+            h,
+            bits=bits,
+            symmetric=symmetric,
+            group_size=group_size,
+            act_order=act_order,
+            static_groups=static_groups,
+            block_size=block_size,
+            damp_percent=damp_percent,
+            damp_growth=damp_growth,
+            damp_max=damp_max,
+            observer=observer,
+        )
+        return _result(r, weight.device)
 
 
 def rtn_quantize(
-    weight: torch.Tensor, *, bits: int = 4, symmetric: bool = True, group_size: int = 128,
-    observer: str = "minmax", hessian: torch.Tensor | None = None, name: str | None = None,
-) -> LayerQuantResult: ...
+    weight: torch.Tensor,
+    *,
+    bits: int = 4,
+    symmetric: bool = True,
+    group_size: int = 128,
+    observer: str = "minmax",
+    hessian: torch.Tensor | None = None,
+    name: str | None = None,
+) -> LayerQuantResult:
+    """Round-to-nearest with the same grids; ``loss`` is NaN unless ``hessian`` is given."""
+    with _named(name):
+        w = _float32(weight, "weight")
+        h = None if hessian is None else _float32(hessian, "hessian")
+        r = _core.rtn_quantize(
+            w, bits=bits, symmetric=symmetric, group_size=group_size, observer=observer, hessian=h
+        )
+        return _result(r, weight.device)
 
 
-def pack_gptq_qweight(codes: torch.Tensor, bits: int) -> torch.Tensor: ...  # [out,in] u8 -> int32 [ceil(in*b/32), out]
-def unpack_gptq_qweight(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor: ...
-def pack_gptq_qzeros(zeros: torch.Tensor, bits: int, version: int = 1) -> torch.Tensor: ...  # [ng,out] -> [ng, ceil(out*b/32)]
-def unpack_gptq_qzeros(qzeros: torch.Tensor, bits: int, out_features: int, version: int = 1) -> torch.Tensor: ...
-def pack_ct_weight(codes: torch.Tensor, bits: int) -> torch.Tensor: ...  # [out,in] -> [out, ceil(in*b/32)]
-def unpack_ct_weight(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor: ...
-def pack_ct_zero_point(zeros: torch.Tensor, bits: int) -> torch.Tensor: ...  # [out,ng] -> [ceil(out*b/32), ng]
-def unpack_ct_zero_point(packed: torch.Tensor, bits: int, out_features: int) -> torch.Tensor: ...
+# --------------------------------------------------------------------------------------------
+# packing
+# --------------------------------------------------------------------------------------------
+
+
+def pack_gptq_qweight(
+    codes: torch.Tensor, bits: int
+) -> torch.Tensor:  # [out,in] u8 -> int32 [ceil(in*b/32), out]
+    return _back(_core.pack_gptq_qweight(_integer(codes, "codes", torch.uint8), bits), codes.device)
+
+
+def unpack_gptq_qweight(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    return _back(
+        _core.unpack_gptq_qweight(_integer(qweight, "qweight", torch.int32), bits, in_features),
+        qweight.device,
+    )
+
+
+def _v1(version: int) -> bool:
+    if version not in (1, 2):
+        raise ValueError(f"version must be 1 (stores zero - 1) or 2 (raw zero), got {version}")
+    return version == 1
+
+
+def pack_gptq_qzeros(
+    zeros: torch.Tensor, bits: int, version: int = 1
+) -> torch.Tensor:  # [ng,out] -> [ng, ceil(out*b/32)]
+    v1 = _v1(version)
+    return _back(
+        _core.pack_gptq_qzeros(_integer(zeros, "zeros", torch.int32), bits, v1), zeros.device
+    )
+
+
+def unpack_gptq_qzeros(
+    qzeros: torch.Tensor, bits: int, out_features: int, version: int = 1
+) -> torch.Tensor:
+    v1 = _v1(version)
+    return _back(
+        _core.unpack_gptq_qzeros(_integer(qzeros, "qzeros", torch.int32), bits, out_features, v1),
+        qzeros.device,
+    )
+
+
+def pack_ct_weight(
+    codes: torch.Tensor, bits: int
+) -> torch.Tensor:  # [out,in] -> [out, ceil(in*b/32)]
+    return _back(_core.pack_ct_weight(_integer(codes, "codes", torch.uint8), bits), codes.device)
+
+
+def unpack_ct_weight(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    return _back(
+        _core.unpack_ct_weight(_integer(packed, "packed", torch.int32), bits, in_features),
+        packed.device,
+    )
+
+
+def pack_ct_zero_point(
+    zeros: torch.Tensor, bits: int
+) -> torch.Tensor:  # [out,ng] -> [ceil(out*b/32), ng]
+    return _back(
+        _core.pack_ct_zero_point(_integer(zeros, "zeros", torch.uint8), bits), zeros.device
+    )
+
+
+def unpack_ct_zero_point(packed: torch.Tensor, bits: int, out_features: int) -> torch.Tensor:
+    return _back(
+        _core.unpack_ct_zero_point(_integer(packed, "packed", torch.int32), bits, out_features),
+        packed.device,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# safetensors
+# --------------------------------------------------------------------------------------------
+
+_ST_DTYPES: dict[torch.dtype, tuple[str, torch.dtype | None]] = {
+    torch.float32: ("F32", None),
+    torch.float16: ("F16", None),
+    torch.bfloat16: ("BF16", torch.int16),  # no numpy bf16: pass the bit pattern
+    torch.int32: ("I32", None),
+    torch.int64: ("I64", None),
+    torch.int8: ("I8", None),
+    torch.uint8: ("U8", None),
+}
 
 
 def write_safetensors(
-    directory: str | Path, tensors: dict[str, torch.Tensor], *, stem: str = "model",
-    max_shard_bytes: int | None = None, metadata: dict[str, str] | None = None,
-) -> list[Path]: ...
+    directory: str | Path,
+    tensors: dict[str, torch.Tensor],
+    *,
+    stem: str = "model",
+    max_shard_bytes: int | None = None,
+    metadata: dict[str, str] | None = None,
+) -> list[Path]:
+    """Writes ``tensors`` atomically to ``{stem}.safetensors`` (or shards plus an index when the
+    total exceeds ``max_shard_bytes``); returns the written paths."""
+    items = []
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"tensor {name!r}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _ST_DTYPES:
+            supported = ", ".join(str(d) for d in _ST_DTYPES)
+            raise ValueError(f"tensor {name!r}: dtype {t.dtype} is not supported ({supported})")
+        st, view = _ST_DTYPES[t.dtype]
+        t = _cpu(t, f"tensor {name!r}").contiguous()
+        if view is not None:
+            t = t.view(view)
+        items.append((name, t.numpy(), st))
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    paths = _core.write_safetensors(
+        str(directory), items, stem=stem, max_shard_bytes=max_shard_bytes, metadata=metadata
+    )
+    return [Path(p) for p in paths]
+
+
+# --------------------------------------------------------------------------------------------
+# threads
+# --------------------------------------------------------------------------------------------
+
+
+def available_threads() -> int:
+    """Threads the core computes with (RAYON_NUM_THREADS or the cores, unless set below)."""
+    return int(_core.available_threads())
+
+
+def set_num_threads(n: int) -> None:
+    """Uses a dedicated pool of ``n`` threads for every later core call."""
+    _core.set_num_threads(n)

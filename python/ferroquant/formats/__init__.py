@@ -1,0 +1,538 @@
+"""Checkpoint writers and readers: GPTQ (v1, v2) and compressed-tensors ``pack-quantized``.
+
+- ``save(model, dir, format=...)`` writes every module carrying ``fq_quant`` in the chosen
+  layout, all other tensors as they are, ``config.json`` with ``quantization_config``
+  (plus ``quantize_config.json`` for GPTQ), tokenizer/generation files and ``recipe.yaml``;
+  atomically (a temporary sibling directory renamed into place).
+- ``load(dir)`` rebuilds the model from its config on the meta device, swaps quantized layers
+  for :class:`~ferroquant.nn.QuantLinear` and loads the tensors (sharded or not).
+- ``convert(src, dst, format=...)`` re-lays the integer codes without re-quantizing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .. import solver
+from ..nn import QuantLinear
+from ..quantized import ATTR, QuantizedWeight
+from . import compressed_tensors as ct
+from . import gptq
+from .common import (
+    CheckpointError,
+    CheckpointFiles,
+    LayerCodes,
+    atomic_directory,
+    copy_aux_files,
+    n_groups_for,
+    parse_size,
+    read_json,
+    recipe_to_yaml,
+    write_json,
+)
+
+__all__ = ["CheckpointError", "QuantLinear", "convert", "detect_format", "load", "save"]
+
+Format = Literal["gptq", "compressed-tensors"]
+_FORMAT_ALIASES = {"gptq": "gptq", "compressed-tensors": "compressed-tensors", "compressed_tensors": "compressed-tensors",
+                   "ct": "compressed-tensors", "pack-quantized": "compressed-tensors"}
+
+
+def _norm_format(fmt: str) -> str:
+    f = _FORMAT_ALIASES.get(fmt.lower())
+    if f is None:
+        raise ValueError(f"format {fmt!r}: expected 'gptq' or 'compressed-tensors'")
+    return f
+
+
+# ---------------------------------------------------------------------------------------------
+# save
+
+
+def _is_conv1d(m: nn.Module) -> bool:
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf")
+
+
+def _linear_shape(name: str, m: nn.Module) -> tuple[int, int] | None:
+    """(out, in) of a Linear-like module, None if it is not one."""
+    if isinstance(m, QuantLinear):
+        return m.out_features, m.in_features
+    if isinstance(m, nn.Linear):
+        return m.out_features, m.in_features
+    if _is_conv1d(m):
+        w = m.weight
+        return int(w.shape[1]), int(w.shape[0])
+    return None
+
+
+def _layer_from_module(name: str, m: nn.Module, q: QuantizedWeight) -> LayerCodes:
+    shape = _linear_shape(name, m)
+    if shape is None:
+        raise ValueError(f"{name}: has {ATTR} but is a {type(m).__name__}, not a Linear layer")
+    out_f, in_f = shape
+    b = int(q.args.num_bits)
+    if not 1 <= b <= 8:
+        raise ValueError(f"{name}: num_bits={b} out of range 1..8")
+    if tuple(q.codes.shape) != (out_f, in_f):
+        raise ValueError(f"{name}: codes shape {list(q.codes.shape)} != layer [out, in] = {[out_f, in_f]}")
+    gs = q.args.effective_group_size
+    ng = n_groups_for(in_f, gs)
+    if tuple(q.scales.shape) != (out_f, ng) or tuple(q.zeros.shape) != (out_f, ng):
+        raise ValueError(
+            f"{name}: scales {list(q.scales.shape)} / zeros {list(q.zeros.shape)} do not match "
+            f"[{out_f}, {ng}] for group_size={gs}"
+        )
+    if tuple(q.g_idx.shape) != (in_f,):
+        raise ValueError(f"{name}: g_idx shape {list(q.g_idx.shape)} != [{in_f}]")
+    codes = q.codes.detach().cpu()
+    zeros = q.zeros.detach().cpu().to(torch.int32)
+    g_idx = q.g_idx.detach().cpu().to(torch.int32)
+    hi = (1 << b) - 1
+    if codes.numel() and int(codes.max()) > hi:
+        raise ValueError(f"{name}: codes exceed {hi} for {b} bits")
+    if zeros.numel() and (int(zeros.min()) < 0 or int(zeros.max()) > hi):
+        raise ValueError(f"{name}: zero points outside [0, {hi}] for {b} bits")
+    if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= ng):
+        raise ValueError(f"{name}: g_idx values outside [0, {ng})")
+    scales = q.scales.detach().cpu().to(torch.float32)
+    if not torch.isfinite(scales).all():
+        raise ValueError(f"{name}: non-finite scales")
+    bias = getattr(m, "bias", None)
+    bias = bias.detach().cpu() if isinstance(bias, torch.Tensor) else None
+    return LayerCodes(codes.to(torch.uint8), scales, zeros, g_idx, q.args, bias)
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    dt = getattr(model, "dtype", None)
+    if isinstance(dt, torch.dtype) and dt.is_floating_point:
+        return dt
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _dedupe_shared(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop later names of tensors sharing storage (tied embeddings): saved once, re-tied on load."""
+    seen: set[tuple[Any, ...]] = set()
+    out = {}
+    for k, t in sd.items():
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if t.numel() and key in seen:
+            continue
+        seen.add(key)
+        out[k] = t
+    return out
+
+
+def save(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    format: Format | str = "gptq",
+    checkpoint_format: str = "gptq",
+    max_shard_size: int | str | None = "2GB",
+    *,
+    overwrite: bool = False,
+    tokenizer: Any = None,
+    gptq_dynamic: bool = False,
+) -> Path:
+    """Write a quantized model as a GPTQ or compressed-tensors checkpoint directory.
+
+    ``checkpoint_format`` (GPTQ only): ``"gptq"`` (v1, zero-1, read by every engine) or
+    ``"gptq_v2"`` (raw zeros; needed when an asymmetric zero point is 0). Returns the path.
+    """
+    fmt = _norm_format(format)
+    version = gptq.version_of(checkpoint_format) if fmt == "gptq" else 0
+    max_bytes = parse_size(max_shard_size)
+    out = Path(out_dir).absolute()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
+
+    layers: dict[str, LayerCodes] = {}
+    linear_names: list[str] = []
+    for name, m in model.named_modules():
+        q = getattr(m, ATTR, None)
+        if _linear_shape(name, m) is not None:
+            linear_names.append(name)
+        if q is None:
+            continue
+        if fmt == "compressed-tensors" and _is_conv1d(m):
+            raise ValueError(
+                f"{name}: compressed-tensors only quantizes nn.Linear; this is a transformers "
+                "Conv1D (GPT-2 style). Use format='gptq' (which stores it in Linear orientation)"
+            )
+        layers[name] = _layer_from_module(name, m, q)
+    if not layers:
+        raise ValueError(f"no module carries {ATTR!r}: quantize the model before saving it")
+
+    mdtype = _model_dtype(model)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        if fmt == "gptq":
+            tensors.update(gptq.layer_tensors(name, layer, version))
+        else:
+            tensors.update(ct.layer_tensors(name, layer, mdtype))
+    prefixes = tuple(n + "." for n in layers)
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
+    for k, v in _dedupe_shared(sd).items():
+        if v.device.type == "meta":
+            raise ValueError(f"{k}: tensor is on the meta device (not materialised); cannot save it")
+        tensors[k] = v.detach().cpu().contiguous()
+
+    cfg_obj = getattr(model, "config", None)
+    config: dict[str, Any] = cfg_obj.to_dict() if cfg_obj is not None else {}
+    if cfg_obj is not None and not config.get("architectures"):
+        config["architectures"] = [type(model).__name__]
+    if cfg_obj is not None and not config.get("dtype"):
+        config["dtype"] = str(mdtype).removeprefix("torch.")  # as save_pretrained records it
+    recipe = getattr(model, "fq_recipe", None)
+    if fmt == "gptq":
+        qconf = gptq.build_config(layers, recipe=recipe, checkpoint_format=checkpoint_format, dynamic=gptq_dynamic)
+        gptq.exclude_unquantized(qconf, list(layers), [n for n in linear_names if n not in layers])
+    else:
+        ignore = [n for n in linear_names if n not in layers]
+        qconf = ct.build_config(layers, ignore=ignore, recipe=recipe)
+    config["quantization_config"] = qconf
+    if any(n.split(".")[-1] == "lm_head" for n in layers):
+        config["tie_word_embeddings"] = False
+
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        solver.write_safetensors(tmp, tensors, stem="model", max_shard_bytes=max_bytes, metadata={"format": "pt"})
+        write_json(tmp / "config.json", config)
+        if fmt == "gptq":
+            write_json(tmp / "quantize_config.json", qconf)
+        if recipe is not None:
+            (tmp / "recipe.yaml").write_text(recipe_to_yaml(recipe), encoding="utf-8")
+        src = _source_dir(model)
+        if src is not None:  # (also when overwriting src itself: it is only replaced at the end)
+            copy_aux_files(src, tmp)
+        if isinstance(tokenizer, (str, os.PathLike)):
+            copy_aux_files(Path(tokenizer), tmp)
+        elif tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        gen = getattr(model, "generation_config", None)
+        if not (tmp / "generation_config.json").exists() and gen is not None:
+            with contextlib.suppress(Exception):  # a model without a usable generation config
+                gen.save_pretrained(str(tmp))
+    return out
+
+
+def _source_dir(model: nn.Module) -> Path | None:
+    for cand in (getattr(model, "name_or_path", None),
+                 getattr(getattr(model, "config", None), "_name_or_path", None)):
+        if cand and Path(str(cand)).is_dir():
+            return Path(str(cand)).absolute()
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# load
+
+
+def detect_format(directory: str | os.PathLike) -> tuple[str, dict[str, Any], str]:
+    """(format, quantization_config, where it came from) for a checkpoint directory."""
+    d = Path(directory)
+    cfg_path = d / "config.json"
+    cfg = read_json(cfg_path)
+    qc = cfg.get("quantization_config")
+    source = str(cfg_path)
+    if qc is None and (d / "quantize_config.json").is_file():
+        source = str(d / "quantize_config.json")
+        qc = read_json(d / "quantize_config.json")
+    if not isinstance(qc, dict):
+        raise CheckpointError(f"{cfg_path}: no quantization_config (and no quantize_config.json): not a quantized checkpoint")
+    method = str(qc.get("quant_method") or qc.get("method") or "").lower()
+    if method == "gptq" or (not method and "bits" in qc):
+        return "gptq", qc, source
+    if method == "compressed-tensors":
+        return "compressed-tensors", qc, source
+    raise CheckpointError(f"{source}: quant_method {method!r} is not supported (gptq or compressed-tensors)")
+
+
+@contextlib.contextmanager
+def _params_on_meta() -> Iterator[None]:
+    """Create parameters on the meta device (no memory) while buffers stay real: the
+    non-persistent ones (e.g. rotary inv_freq) are computed at construction and never saved."""
+    orig = nn.Module.register_parameter
+
+    def register(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        orig(self, name, param)
+        if param is not None and param.device.type != "meta":
+            kw = {"requires_grad": param.requires_grad}
+            self._parameters[name] = type(param)(param.to("meta"), **kw)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = orig  # type: ignore[method-assign]
+
+
+def _build_empty_model(directory: Path, dtype: torch.dtype | None, trust_remote_code: bool) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    config = AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    if dtype is None:
+        dtype = getattr(config, "dtype", None) or torch.float32
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+    with _params_on_meta(), no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model
+
+
+def _param_slots(model: nn.Module) -> dict[str, list[tuple[nn.Module, str]]]:
+    """Every (module, attribute) holding each named parameter/buffer; tied ones share a list."""
+    by_id: dict[int, list[tuple[nn.Module, str]]] = {}
+    names: dict[str, int] = {}
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for pn, p in list(mod._parameters.items()) + list(mod._buffers.items()):
+            if p is None:
+                continue
+            full = f"{mod_name}.{pn}" if mod_name else pn
+            by_id.setdefault(id(p), []).append((mod, pn))
+            names[full] = id(p)
+    return {n: by_id[i] for n, i in names.items()}
+
+
+def _set_slot(mod: nn.Module, attr: str, value: torch.Tensor) -> None:
+    if attr in mod._parameters:
+        mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        mod._buffers[attr] = value
+
+
+def load(
+    directory: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    *,
+    trust_remote_code: bool = False,
+    cache_weight: bool = True,
+) -> nn.Module:
+    """Load a GPTQ (v1/v2) or compressed-tensors pack-quantized checkpoint as a transformers
+    model whose quantized layers are :class:`QuantLinear`. Nothing in ``directory`` is written."""
+    d = Path(directory)
+    fmt, qc, source = detect_format(d)
+    files = CheckpointFiles(d)
+    if fmt == "gptq":
+        settings: Any = gptq.GPTQSettings.from_config(qc, source)
+        prefixes = gptq.quantized_prefixes(files)
+        suffixes = gptq.TENSOR_SUFFIXES
+        reader = gptq.read_layer
+    else:
+        settings = ct.CTSettings(qc, source)
+        prefixes = ct.quantized_prefixes(files)
+        suffixes = ct.TENSOR_SUFFIXES + ("bias",)
+        reader = ct.read_layer
+    if not prefixes:
+        raise CheckpointError(f"{d}: config says {fmt} but no quantized tensors were found")
+
+    model = _build_empty_model(d, dtype, trust_remote_code)
+    cdtype = _model_dtype(model)
+    consumed: set[str] = set()
+    for prefix in prefixes:
+        try:
+            mod = model.get_submodule(prefix)
+        except AttributeError:
+            info = files.info(f"{prefix}.qweight" if fmt == "gptq" else f"{prefix}.weight_packed")
+            raise CheckpointError(
+                f"{info.file}: tensor '{info.name}' belongs to module '{prefix}', which the model "
+                f"built from config.json does not have"
+            ) from None
+        shape = _linear_shape(prefix, mod)
+        if shape is None:
+            raise CheckpointError(f"{d}: quantized tensors for '{prefix}', but it is a {type(mod).__name__}")
+        layer = reader(files, prefix, settings, in_features=shape[1], out_features=shape[0])
+        ql = QuantLinear(layer.codes, layer.scales, layer.zeros, layer.g_idx, layer.args,
+                         layer.bias.to(cdtype) if layer.bias is not None else None,
+                         dtype=cdtype, cache_weight=cache_weight)
+        parent_name, _, child = prefix.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, ql)
+        consumed.update(f"{prefix}.{s}" for s in suffixes)
+
+    slots = _param_slots(model)
+    for name in files.names():
+        if name in consumed:
+            continue
+        target = slots.get(name)
+        if target is None:
+            if name.endswith("rotary_emb.inv_freq"):
+                continue  # stale buffer some old checkpoints carry
+            info = files.info(name)
+            raise CheckpointError(
+                f"{info.file}: tensor '{name}' does not belong to the model built from config.json"
+            )
+        mod, attr = target[0]
+        current = mod._parameters.get(attr) if attr in mod._parameters else mod._buffers.get(attr)
+        info = files.info(name)
+        if current is not None and tuple(current.shape) != tuple(info.shape):
+            raise CheckpointError(
+                f"{info.file}: tensor '{name}' has shape {list(info.shape)} but config.json implies "
+                f"{list(current.shape)}"
+            )
+        t = files.get(name)
+        if t.is_floating_point():
+            t = t.to(cdtype)
+        new: torch.Tensor = nn.Parameter(t, requires_grad=False) if attr in mod._parameters else t
+        for m, a in target:
+            if a in m._parameters:
+                m._parameters[a] = new  # type: ignore[assignment]
+            else:
+                m._buffers[a] = new
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(out_emb, QuantLinear) and hasattr(model, "tie_weights"):
+        model.tie_weights()  # tied heads were saved once (our writer and transformers' alike)
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise CheckpointError(
+            f"{d}: tensor(s) missing from the checkpoint: {missing[:5]}"
+            + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        )
+    model.eval()
+    model.to(device)
+    _attach_generation_config(model, d)
+    model.fq_checkpoint = {"format": fmt, "quantization_config": qc, "directory": str(d)}
+    return model
+
+
+def _attach_generation_config(model: nn.Module, d: Path) -> None:
+    if (d / "generation_config.json").is_file():
+        with contextlib.suppress(Exception):
+            from transformers import GenerationConfig
+
+            model.generation_config = GenerationConfig.from_pretrained(str(d))
+
+
+# ---------------------------------------------------------------------------------------------
+# convert
+
+
+def _linear_modules_from_config(directory: Path) -> list[str] | None:
+    """Names of Linear-like modules of the architecture (built on meta), or None if unknown."""
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(str(directory))
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 - any failure just means "architecture unknown here"
+        return None
+    return [n for n, m in model.named_modules() if _linear_shape(n, m) is not None]
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    format: Format | str = "compressed-tensors",
+    checkpoint_format: str = "gptq",
+    max_shard_size: int | str | None = "2GB",
+    *,
+    overwrite: bool = False,
+    gptq_dynamic: bool = False,
+) -> Path:
+    """Re-lay a quantized checkpoint between GPTQ v1, GPTQ v2 and compressed-tensors
+    pack-quantized: unpack to integer codes and repack, no re-quantization. Scales change
+    dtype (GPTQ stores fp16, compressed-tensors the model dtype); a conversion that would
+    change a scale value warns."""
+    s = Path(src)
+    out_fmt = _norm_format(format)
+    version = gptq.version_of(checkpoint_format) if out_fmt == "gptq" else 0
+    max_bytes = parse_size(max_shard_size)
+    if Path(dst).absolute() == s.absolute():
+        raise ValueError("convert: dst must differ from src (the source is never modified)")
+    in_fmt, qc, source = detect_format(s)
+    files = CheckpointFiles(s)
+    config = read_json(s / "config.json")
+    if in_fmt == "gptq":
+        settings: Any = gptq.GPTQSettings.from_config(qc, source)
+        prefixes = gptq.quantized_prefixes(files)
+        suffixes = gptq.TENSOR_SUFFIXES
+        layers = {p: gptq.read_layer(files, p, settings) for p in prefixes}
+    else:
+        settings = ct.CTSettings(qc, source)
+        prefixes = ct.quantized_prefixes(files)
+        suffixes = ct.TENSOR_SUFFIXES + ("bias",)
+        layers = {p: ct.read_layer(files, p, settings) for p in prefixes}
+    if not layers:
+        raise CheckpointError(f"{s}: no quantized tensors found")
+
+    dt = config.get("dtype") or config.get("torch_dtype") or "float16"
+    mdtype = getattr(torch, dt) if isinstance(dt, str) and isinstance(getattr(torch, dt, None), torch.dtype) else torch.float16
+    consumed = {f"{p}.{x}" for p in prefixes for x in suffixes}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        if out_fmt == "gptq":
+            if layer.bias is not None:
+                layer.bias = layer.bias.to(torch.float16)
+            _warn_lossy(name, layer.scales, torch.float16)
+            tensors.update(gptq.layer_tensors(name, layer, version))
+        else:
+            if layer.args.symmetric and not layer.is_symmetric_codes():
+                layer.args = layer.args.model_copy(update={"symmetric": False})
+            _warn_lossy(name, layer.scales, mdtype)
+            tensors.update(ct.layer_tensors(name, layer, mdtype))
+    for name in files.names():
+        if name not in consumed:
+            tensors[name] = files.get(name)
+
+    if out_fmt == "gptq":
+        qconf = gptq.build_config(layers, recipe=_read_recipe(s), checkpoint_format=checkpoint_format,
+                                  dynamic=gptq_dynamic)
+        linears = _linear_modules_from_config(s) or []
+        gptq.exclude_unquantized(qconf, list(layers), [n for n in linears if n not in layers])
+    else:
+        linears = _linear_modules_from_config(s)
+        if linears is None:
+            # unknown architecture: exact-name targets cannot claim anything unintended
+            ignore: list[str] = []
+            qconf = ct.build_config(layers, ignore=ignore, recipe=_read_recipe(s))
+            for g in qconf["config_groups"].values():
+                if g["targets"] == ["Linear"]:
+                    g["targets"] = sorted(layers)
+        else:
+            qconf = ct.build_config(layers, ignore=[n for n in linears if n not in layers], recipe=_read_recipe(s))
+    config["quantization_config"] = qconf
+
+    with atomic_directory(dst, overwrite=overwrite) as tmp:
+        solver.write_safetensors(tmp, tensors, stem="model", max_shard_bytes=max_bytes, metadata={"format": "pt"})
+        write_json(tmp / "config.json", config)
+        if out_fmt == "gptq":
+            write_json(tmp / "quantize_config.json", qconf)
+        copy_aux_files(s, tmp)
+        if (s / "recipe.yaml").is_file():
+            shutil.copy2(s / "recipe.yaml", tmp / "recipe.yaml")
+    return Path(dst).absolute()
+
+
+def _read_recipe(d: Path) -> dict[str, Any] | None:
+    p = d / "recipe.yaml"
+    if not p.is_file():
+        return None
+    try:
+        import yaml
+
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _warn_lossy(name: str, scales: torch.Tensor, dtype: torch.dtype) -> None:
+    if not torch.equal(scales.to(dtype).to(torch.float32), scales.to(torch.float32)):
+        warnings.warn(f"{name}: scales change value when cast to {dtype} (the target format stores {dtype})",
+                      stacklevel=3)

@@ -1,0 +1,426 @@
+"""Shared pieces of the checkpoint writers and readers: the error type, atomic directory
+writing, validated safetensors reading, tokenizer/recipe files and small helpers."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import QuantizationArgs
+
+
+class CheckpointError(ValueError):
+    """A checkpoint on disk is malformed or disagrees with its config (names file and tensor)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# In-memory quantized layer, format independent.
+
+
+@dataclass
+class LayerCodes:
+    """Integer codes of one quantized Linear, in ``nn.Linear`` orientation.
+
+    ``codes`` uint8 [out, in]; ``scales`` float [out, ng]; ``zeros`` int32 [out, ng] (unsigned,
+    in [0, 2**bits - 1]); ``g_idx`` int32 [in]; ``bias`` or None.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor
+    args: QuantizationArgs
+    bias: torch.Tensor | None = None
+
+    @property
+    def out_features(self) -> int:
+        return int(self.codes.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.codes.shape[1])
+
+    @property
+    def bits(self) -> int:
+        return int(self.args.num_bits)
+
+    @property
+    def group_size(self) -> int:
+        return self.args.effective_group_size
+
+    def trivial_g_idx(self) -> torch.Tensor:
+        return default_g_idx(self.in_features, self.group_size)
+
+    def has_trivial_g_idx(self) -> bool:
+        return bool(torch.equal(self.g_idx.to(torch.int32), self.trivial_g_idx()))
+
+    def is_symmetric_codes(self) -> bool:
+        """Zero is the midpoint 2**(bits-1) everywhere (what symmetric GPTQ and compressed-tensors
+        symmetric storage both imply)."""
+        return bool((self.zeros == (1 << (self.bits - 1))).all())
+
+
+def default_g_idx(in_features: int, group_size: int) -> torch.Tensor:
+    """Contiguous groups: column ``i`` belongs to group ``i // group_size`` (0 for per-channel)."""
+    if group_size <= 0:
+        return torch.zeros(in_features, dtype=torch.int32)
+    return torch.arange(in_features, dtype=torch.int32) // group_size
+
+
+def n_groups_for(in_features: int, group_size: int) -> int:
+    return 1 if group_size <= 0 else math.ceil(in_features / group_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes, json, files.
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    None: 1, "B": 1,
+    "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+}
+
+
+def parse_size(size: int | str | None) -> int | None:
+    """``"2GB"`` -> 2_000_000_000 (decimal units as transformers uses; ``GiB`` binary)."""
+    if size is None or isinstance(size, int):
+        return size
+    m = _SIZE_RE.match(size)
+    if not m:
+        raise ValueError(f"max_shard_size {size!r}: expected an int or a size like '2GB' or '500MiB'")
+    unit = m.group(2).upper() if m.group(2) else None
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object at top level")
+    return data
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+# Files a tokenizer or generation setup consists of (copied beside the weights).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "spiece.model",
+    "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json",
+    "generation_config.json", "preprocessor_config.json",
+)
+
+
+def copy_aux_files(src_dir: Path, dst_dir: Path, names: tuple[str, ...] = TOKENIZER_FILES) -> list[str]:
+    copied = []
+    for name in names:
+        p = src_dir / name
+        if p.is_file():
+            shutil.copy2(p, dst_dir / name)
+            copied.append(name)
+    return copied
+
+
+def recipe_to_yaml(recipe: Any) -> str:
+    """Serialise a recipe object (pydantic, dataclass, dict, or anything with ``to_yaml``)."""
+    import yaml
+
+    if hasattr(recipe, "to_yaml"):
+        text = recipe.to_yaml()
+        if isinstance(text, str):
+            return text
+    if hasattr(recipe, "to_dict") and callable(recipe.to_dict):
+        data = recipe.to_dict()  # ferroquant.GPTQ: round-trips through GPTQ.from_dict
+    elif hasattr(recipe, "model_dump"):
+        data = recipe.model_dump(mode="json")
+    elif is_dataclass(recipe) and not isinstance(recipe, type):
+        data = asdict(recipe)
+    elif isinstance(recipe, dict):
+        data = recipe
+    else:
+        data = {k: v for k, v in vars(recipe).items() if not k.startswith("_")}
+    return yaml.safe_dump(_jsonable(data), sort_keys=False)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, set)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    if hasattr(x, "model_dump"):
+        return _jsonable(x.model_dump(mode="json"))
+    return str(x)
+
+
+def recipe_get(recipe: Any, name: str, default: Any = None) -> Any:
+    if recipe is None:
+        return default
+    if isinstance(recipe, dict):
+        return recipe.get(name, default)
+    return getattr(recipe, name, default)
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic directory writing.
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary sibling directory; on success rename it to ``out_dir``.
+
+    A half-written directory never appears under the final name: on any exception the
+    temporary directory is removed and ``out_dir`` (if it existed) is untouched. With
+    ``overwrite=True`` an existing ``out_dir`` is first renamed aside, the new one renamed in,
+    then the old one deleted; if the swap fails the old one is put back.
+    """
+    out = Path(out_dir).absolute()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        _fsync_dir(tmp)
+        if out.exists():
+            if not overwrite:
+                raise FileExistsError(f"{out} appeared while writing; pass overwrite=True to replace it")
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(out, old)
+            try:
+                os.rename(tmp, out)
+            except BaseException:
+                os.rename(old, out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+        _fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validated safetensors reading.
+
+_ST_DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2), "I64": (torch.int64, 8), "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2), "I8": (torch.int8, 1), "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1), "F8_E4M3": (torch.float8_e4m3fn, 1), "F8_E5M2": (torch.float8_e5m2, 1),
+    "U16": (torch.uint16, 2), "U32": (torch.uint32, 4), "U64": (torch.uint64, 8),
+}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and check a safetensors header against the file's real size.
+
+    Raises CheckpointError naming the file and the tensor for: a file too short for its
+    header, a header that is not JSON, an unknown dtype, a byte range that does not match
+    shape x dtype, ranges that overlap or leave holes, and data that runs past the end of the
+    file (a truncated file)."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: safetensors file not found") from None
+    if size < 8:
+        raise CheckpointError(f"{path}: truncated ({size} bytes, shorter than the 8-byte header size)")
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > _MAX_HEADER or 8 + n > size:
+            raise CheckpointError(
+                f"{path}: header length {n} runs past the end of the file ({size} bytes): truncated or corrupt"
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is not a JSON object")
+    data_len = size - 8 - n
+    out: dict[str, TensorInfo] = {}
+    spans = []
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{path}: tensor '{name}': header entry is not an object")
+        dt = _ST_DTYPES.get(meta.get("dtype"))  # type: ignore[arg-type]
+        if dt is None:
+            raise CheckpointError(f"{path}: tensor '{name}': unknown dtype {meta.get('dtype')!r}")
+        shape = meta.get("shape")
+        offs = meta.get("data_offsets")
+        if (
+            not isinstance(shape, list)
+            or not all(isinstance(s, int) and s >= 0 for s in shape)
+            or not isinstance(offs, list)
+            or len(offs) != 2
+            or not all(isinstance(o, int) for o in offs)
+        ):
+            raise CheckpointError(f"{path}: tensor '{name}': malformed shape/data_offsets in header")
+        begin, end = offs
+        nbytes = math.prod(shape) * dt[1]
+        if begin < 0 or end < begin or end - begin != nbytes:
+            raise CheckpointError(
+                f"{path}: tensor '{name}': header says bytes [{begin}, {end}) but shape {shape} "
+                f"{meta['dtype']} needs {nbytes} bytes"
+            )
+        if end > data_len:
+            raise CheckpointError(
+                f"{path}: tensor '{name}': data ends at byte {end} of the data section but the file "
+                f"holds only {data_len} (truncated file?)"
+            )
+        spans.append((begin, end, name))
+        out[name] = TensorInfo(name, dt[0], tuple(shape), path)
+    spans.sort()
+    pos = 0
+    for begin, end, name in spans:
+        if begin != pos:
+            what = "overlaps the previous tensor" if begin < pos else "leaves a gap before it"
+            raise CheckpointError(f"{path}: tensor '{name}': byte range [{begin}, {end}) {what}")
+        pos = end
+    if pos != data_len:
+        raise CheckpointError(
+            f"{path}: data section is {data_len} bytes but the header accounts for {pos}"
+        )
+    return out
+
+
+class CheckpointFiles:
+    """The safetensors files of a checkpoint directory (single file or sharded with an index),
+    with every header validated up front. Tensors are read lazily (memory-mapped)."""
+
+    def __init__(self, directory: str | os.PathLike, stem: str = "model") -> None:
+        self.dir = Path(directory)
+        if not self.dir.is_dir():
+            raise CheckpointError(f"{self.dir}: not a directory")
+        index = self.dir / f"{stem}.safetensors.index.json"
+        single = self.dir / f"{stem}.safetensors"
+        self.tensors: dict[str, TensorInfo] = {}
+        if index.is_file():
+            idx = read_json(index)
+            wm = idx.get("weight_map")
+            if not isinstance(wm, dict) or not wm:
+                raise CheckpointError(f"{index}: missing or empty 'weight_map'")
+            by_file: dict[str, list[str]] = {}
+            for tname, fname in wm.items():
+                if not isinstance(fname, str) or "/" in fname or "\\" in fname or fname.startswith("."):
+                    raise CheckpointError(f"{index}: tensor '{tname}': bad shard file name {fname!r}")
+                by_file.setdefault(fname, []).append(tname)
+            for fname, names in sorted(by_file.items()):
+                shard = self.dir / fname
+                if not shard.is_file():
+                    raise CheckpointError(
+                        f"{shard}: shard listed in {index.name} is missing (it should hold "
+                        f"'{names[0]}' and {len(names) - 1} more tensors)"
+                    )
+                header = read_safetensors_header(shard)
+                for tname in names:
+                    if tname not in header:
+                        raise CheckpointError(
+                            f"{shard}: tensor '{tname}' is listed in {index.name} but not in the file"
+                        )
+                for tname, info in header.items():
+                    if wm.get(tname) != fname:
+                        raise CheckpointError(
+                            f"{shard}: tensor '{tname}' is in the file but {index.name} maps it to "
+                            f"{wm.get(tname)!r}"
+                        )
+                    self.tensors[tname] = info
+        elif single.is_file():
+            self.tensors = read_safetensors_header(single)
+        else:
+            found = sorted(p.name for p in self.dir.glob("*.safetensors"))
+            raise CheckpointError(
+                f"{self.dir}: no {single.name} or {index.name}"
+                + (f" (found {found})" if found else "")
+            )
+        self._handles: dict[Path, Any] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        return self.tensors[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import SafetensorError, safe_open
+
+        info = self.tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.dir}: tensor '{name}' not found in the checkpoint")
+        h = self._handles.get(info.file)
+        if h is None:
+            try:
+                h = safe_open(str(info.file), framework="pt", device="cpu")
+            except (OSError, SafetensorError) as e:
+                raise CheckpointError(f"{info.file}: cannot open ({e})") from None
+            self._handles[info.file] = h
+        try:
+            return h.get_tensor(name)
+        except (OSError, SafetensorError) as e:
+            raise CheckpointError(f"{info.file}: tensor '{name}': cannot read ({e})") from None
+
+    def expect(self, name: str, dtype: torch.dtype | tuple[torch.dtype, ...] | None,
+               shape: tuple[int, ...] | None, why: str = "") -> TensorInfo:
+        """Check presence, dtype and shape of a tensor from the header alone."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.dir}: tensor '{name}' is missing{(' (' + why + ')') if why else ''}")
+        if dtype is not None:
+            ok = info.dtype in dtype if isinstance(dtype, tuple) else info.dtype == dtype
+            if not ok:
+                raise CheckpointError(f"{info.file}: tensor '{name}' has dtype {info.dtype}, expected {dtype}")
+        if shape is not None and tuple(info.shape) != tuple(shape):
+            raise CheckpointError(
+                f"{info.file}: tensor '{name}' has shape {list(info.shape)}, expected {list(shape)}"
+                + (f" ({why})" if why else "")
+            )
+        return info

@@ -1,0 +1,674 @@
+"""Block-sequential GPTQ over a Hugging Face causal LM.
+
+1. Find the decoder blocks (:mod:`ferroquant.blocks`) and the target modules in them.
+2. Capture every block's call arguments with one cheap pass per calibration sample: each block's
+   ``forward`` is temporarily replaced by a recorder that stores ``(args, kwargs)`` and passes the
+   hidden states through; the last block's recorder raises a private exception so nothing after
+   it (final norm, ``lm_head``) runs. Block 0's hidden states are the embeddings; per-block
+   keyword arguments are kept because models such as Gemma-3 or Qwen with sliding windows give
+   each block its own attention mask / rotary tables. KV caches are disabled (``use_cache=False``,
+   cache objects replaced by ``None``).
+3. Per block, on ``device``: find the module subsets in execution order (``true_sequential``;
+   modules fed the same tensor - q/k/v, gate/up - form one subset), and per subset run the block
+   over all samples with forward hooks streaming each module's inputs into a Rust
+   ``HessianAccumulator`` (the pass stops as soon as the subset has seen its inputs), solve each
+   module with ``solver.gptq_quantize``, write the dequantized weight back and attach
+   ``module.fq_quant``. Then run the block once more: its outputs *after* quantization feed the
+   next block. The block returns to its original device.
+4. Targets outside the blocks (only ``lm_head`` named explicitly, in practice) are calibrated
+   last with full-model forwards.
+
+The per-layer :class:`LayerReport` list is stored as ``model.fq_report`` and the recipe as
+``model.fq_recipe``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import solver
+from .blocks import Blocks, find_blocks, is_quantizable, linear_weight
+from .calibration import CalibrationSet
+from .config import GPTQ, QuantizationArgs
+from .quantized import ATTR, QuantizedWeight
+
+__all__ = [
+    "LayerReport",
+    "NonFiniteActivationError",
+    "QuantizationReport",
+    "UnreachedLayerError",
+    "run_gptq",
+]
+
+logger = logging.getLogger("ferroquant")
+
+
+class NonFiniteActivationError(FloatingPointError):
+    """NaN/Inf in the activations feeding a layer (or leaving a block)."""
+
+
+class UnreachedLayerError(RuntimeError):
+    """A target layer received no calibration token and ``unreached_policy="error"``."""
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass early (its work is done)."""
+
+
+# --------------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerReport:
+    name: str
+    block: int  # -1 for modules outside the decoder blocks
+    subset: int  # true-sequential subset index inside the block
+    out_features: int
+    in_features: int
+    bits: int
+    group_size: int  # -1 = per channel
+    symmetric: bool
+    actorder: str | None
+    method: str  # "gptq" or "rtn" (fallback, see note)
+    loss: float  # tr((W-Q) H (W-Q)^T), undamped H; NaN when no Hessian exists
+    damp_frac: float  # damping fraction finally used (NaN for rtn)
+    damp_attempts: list[float] = field(default_factory=list)
+    dead_columns: int = 0
+    samples: int = 0  # calibration tokens that reached the layer
+    seconds: float = 0.0  # solver time for this layer
+    rtn_loss: float | None = None  # same Hessian, round-to-nearest (report_rtn_loss=True)
+    note: str = ""
+
+
+class QuantizationReport(list):
+    """A list of :class:`LayerReport` with run-level facts and a printable table."""
+
+    def __init__(self, layers: Iterable[LayerReport] = (), *, seconds: float = 0.0,
+                 num_samples: int = 0, num_tokens: int = 0, blocks: str = "") -> None:
+        super().__init__(layers)
+        self.seconds = seconds
+        self.num_samples = num_samples
+        self.num_tokens = num_tokens
+        self.blocks = blocks
+
+    @property
+    def total_loss(self) -> float:
+        return float(sum(r.loss for r in self if not math.isnan(r.loss)))
+
+    def table(self) -> str:
+        has_rtn = any(r.rtn_loss is not None for r in self)
+        head = ["layer", "shape", "bits/g", "tokens", "damp", "loss"]
+        if has_rtn:
+            head.append("rtn loss")
+        head += ["sec", "method/note"]
+        rows = []
+        for r in self:
+            g = "ch" if r.group_size == -1 else str(r.group_size)
+            row = [r.name, f"{r.out_features}x{r.in_features}", f"{r.bits}/{g}", str(r.samples),
+                   "-" if math.isnan(r.damp_frac) else f"{r.damp_frac:.3g}", f"{r.loss:.4g}"]
+            if has_rtn:
+                row.append("-" if r.rtn_loss is None else f"{r.rtn_loss:.4g}")
+            row += [f"{r.seconds:.3f}", r.method + (f" ({r.note})" if r.note else "")]
+            rows.append(row)
+        widths = [max(len(h), *(len(x[i]) for x in rows)) if rows else len(h)
+                  for i, h in enumerate(head)]
+        lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
+        lines.append("  ".join("-" * w for w in widths))
+        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+        lines.append(f"{len(self)} layers, total loss {self.total_loss:.6g}, "
+                     f"{self.num_samples} samples / {self.num_tokens} tokens, "
+                     f"{self.seconds:.1f} s")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+# --------------------------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _to(obj: Any, device: torch.device, memo: dict[int, Any]) -> Any:
+    """Moves tensors inside tuples/lists/dicts to ``device``, keeping shared tensors shared."""
+    if isinstance(obj, torch.Tensor):
+        key = id(obj)
+        if key not in memo:
+            memo[key] = obj.to(device)
+        return memo[key]
+    if isinstance(obj, tuple):
+        return tuple(_to(x, device, memo) for x in obj)
+    if isinstance(obj, list):
+        return [_to(x, device, memo) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device, memo) for k, v in obj.items()}
+    return obj
+
+
+def _cache_types() -> tuple[type, ...]:
+    try:
+        from transformers.cache_utils import Cache
+
+        return (Cache,)
+    except ImportError:
+        return ()
+
+
+_CACHE_TYPES = _cache_types()
+
+
+def _no_cache(obj: Any) -> Any:
+    return None if _CACHE_TYPES and isinstance(obj, _CACHE_TYPES) else obj
+
+
+def _first_device(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    for b in module.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def _check_finite(x: torch.Tensor, what: str) -> None:
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        n_nan = int(torch.isnan(x).sum())
+        n_inf = int(torch.isinf(x).sum())
+        raise NonFiniteActivationError(
+            f"{what} contain non-finite values ({n_nan} NaN, {n_inf} Inf of {x.numel()}); the "
+            "model overflows in its dtype on this data - try float32/bfloat16 or check the "
+            "weights and calibration text"
+        )
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    dev = torch.device("cpu" if device is None else device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={str(device)!r} was asked for but CUDA is not available")
+    return dev
+
+
+# --------------------------------------------------------------------------------------------
+# input capture
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Call:
+    """One recorded block call: hidden states go in ``args[0]`` or ``kwargs[hidden_key]``."""
+
+    args: tuple[Any, ...]  # positional arguments after the hidden states
+    kwargs: dict[str, Any]
+    hidden_key: str | None  # None: hidden states are the first positional argument
+
+
+def _split_call(args: tuple[Any, ...], kwargs: dict[str, Any]
+                ) -> tuple[torch.Tensor, _Call]:
+    if args:
+        hidden, rest, key = args[0], tuple(_no_cache(a) for a in args[1:]), None
+        kw = dict(kwargs)
+    elif "hidden_states" in kwargs:
+        kw = dict(kwargs)
+        hidden, rest, key = kw.pop("hidden_states"), (), "hidden_states"
+    else:
+        raise RuntimeError(
+            "a decoder block was called without positional arguments or a 'hidden_states' "
+            f"keyword (keywords: {sorted(kwargs)}); cannot tell which input is the hidden state"
+        )
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"a decoder block's first input is a {type(hidden).__name__}, "
+                        "expected the hidden-state tensor")
+    for k in list(kw):
+        kw[k] = _no_cache(kw[k])
+    if "use_cache" in kw:
+        kw["use_cache"] = False
+    return hidden, _Call(rest, kw, key)
+
+
+def _call_block(block: nn.Module, hidden: torch.Tensor, call: _Call) -> torch.Tensor:
+    if call.hidden_key is None:
+        out = block(hidden, *call.args, **call.kwargs)
+    else:
+        out = block(*call.args, **{**call.kwargs, call.hidden_key: hidden})
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    elif not isinstance(out, torch.Tensor) and hasattr(out, "last_hidden_state"):
+        out = out.last_hidden_state
+    return out
+
+
+def _model_inputs(model: nn.Module, sample: dict[str, torch.Tensor]) -> dict[str, Any]:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    dev = _first_device(emb) if emb is not None else _first_device(model)
+    return {k: v.to(dev) for k, v in sample.items()}
+
+
+def _forward_model(model: nn.Module, inputs: dict[str, Any]) -> Any:
+    try:
+        return model(**inputs, use_cache=False)
+    except TypeError as e:
+        if "use_cache" not in str(e):
+            raise
+        return model(**inputs)
+
+
+def capture_block_inputs(model: nn.Module, blocks: Blocks, calib: CalibrationSet,
+                         ) -> tuple[list[torch.Tensor], list[list[_Call]]]:
+    """Block-0 hidden states per sample and every block's call (args/kwargs) per sample."""
+    n_blocks = len(blocks)
+    hiddens: list[torch.Tensor] = []
+    calls: list[list[_Call]] = [[] for _ in range(n_blocks)]
+    saved = [(b.__dict__.get("forward"), "forward" in b.__dict__) for b in blocks.modules]
+    tuple_len: list[int | None] = [None]  # block output structure, learned from block 0
+
+    def recorder(i: int, block: nn.Module, real_forward: Callable[..., Any]) -> Callable[..., Any]:
+        def fwd(*args: Any, **kwargs: Any) -> Any:
+            hidden, call = _split_call(args, kwargs)
+            calls[i].append(call)
+            if i == 0:
+                hiddens.append(hidden)
+                if tuple_len[0] is None:
+                    # learn the output structure of a block once (a tensor or a tuple)
+                    if call.hidden_key is None:
+                        out = real_forward(hidden, *call.args, **call.kwargs)
+                    else:
+                        out = real_forward(*call.args, **{**call.kwargs, call.hidden_key: hidden})
+                    tuple_len[0] = len(out) if isinstance(out, (tuple, list)) else 0
+            if i == n_blocks - 1:
+                raise _StopForward
+            n = tuple_len[0] or 0
+            return (hidden,) + (None,) * (n - 1) if n else hidden
+        return fwd
+
+    try:
+        for i, b in enumerate(blocks.modules):
+            b.forward = recorder(i, b, b.forward)
+        for s, sample in enumerate(calib):
+            try:
+                _forward_model(model, _model_inputs(model, sample))
+            except _StopForward:
+                pass
+            for i in range(n_blocks):
+                if len(calls[i]) != s + 1:
+                    raise RuntimeError(
+                        f"block {blocks.names[i]!r} was called {len(calls[i]) - s} times for "
+                        f"calibration sample {s} (expected once); the model does not run its "
+                        "blocks once each in order - pass sequential_targets explicitly"
+                    )
+    finally:
+        for b, (fwd, had) in zip(blocks.modules, saved):
+            if had:
+                b.forward = fwd
+            else:
+                b.__dict__.pop("forward", None)
+    for s, h in enumerate(hiddens):
+        _check_finite(h, f"the embeddings (input of block {blocks.names[0]!r}) for sample {s}")
+    return hiddens, calls
+
+
+# --------------------------------------------------------------------------------------------
+# per-module quantization
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Target:
+    name: str
+    module: nn.Module
+    args: QuantizationArgs
+    acc: solver.HessianAccumulator | None = None
+
+
+def _targets_in(root: nn.Module, prefix: str, recipe: GPTQ, groups: dict[str, Any],
+                in_block: bool, skip: Callable[[str], bool] = lambda _: False) -> list[_Target]:
+    out = []
+    for name, mod in root.named_modules(prefix=prefix):
+        if skip(name) or not is_quantizable(mod):
+            continue
+        args = recipe.args_for(name, mod, in_block=in_block, groups=groups)
+        if args is not None:
+            out.append(_Target(name, mod, args))
+    return out
+
+
+def _solve(t: _Target, recipe: GPTQ, block: int, subset: int, report_rtn_loss: bool
+           ) -> LayerReport:
+    w, transposed = linear_weight(t.module)
+    a = t.args
+    gs = a.effective_group_size
+    samples = t.acc.samples if t.acc is not None else 0
+    t0 = time.perf_counter()
+    note = ""
+    rtn_loss = None
+    if samples == 0:
+        if recipe.unreached_policy == "error":
+            raise UnreachedLayerError(
+                f"layer {t.name!r}: no calibration token reached it (e.g. an expert the router "
+                "never chose); add calibration data or use unreached_policy='rtn'"
+            )
+        note = "no calibration token reached it: round-to-nearest"
+        warnings.warn(f"layer {t.name!r}: {note}", UserWarning, stacklevel=4)
+        res = solver.rtn_quantize(w, bits=a.num_bits, symmetric=a.symmetric, group_size=gs,
+                                  observer=a.observer, name=t.name)
+        method = "rtn"
+    else:
+        h = t.acc.hessian()
+        res = solver.gptq_quantize(
+            w, h, bits=a.num_bits, symmetric=a.symmetric, group_size=gs,
+            act_order=a.actorder is not None, static_groups=a.actorder == "static",
+            block_size=recipe.block_size, damp_percent=recipe.dampening_frac,
+            observer=a.observer, name=t.name,
+        )
+        method = "gptq"
+        if report_rtn_loss:
+            rtn_loss = solver.rtn_quantize(w, bits=a.num_bits, symmetric=a.symmetric,
+                                           group_size=gs, observer=a.observer, hessian=h,
+                                           name=t.name).loss
+        del h
+    seconds = time.perf_counter() - t0
+    qw = QuantizedWeight(codes=res.codes.cpu(), scales=res.scales.cpu(), zeros=res.zeros.cpu(),
+                         g_idx=res.g_idx.cpu(), args=a)
+    deq = qw.dequantize(torch.float32)
+    # The weight written back must be exactly what the checkpoint writers will store.
+    diff = (deq - res.dequantized.cpu().float()).abs().max().item() if deq.numel() else 0.0
+    tol = 1e-5 * max(1.0, float(qw.scales.abs().max())) if qw.scales.numel() else 1e-5
+    if not diff <= tol:
+        raise RuntimeError(f"layer {t.name!r}: the solver's dequantized weight differs from "
+                           f"scale*(code-zero) by {diff:.3g}; codes/scales/zeros are inconsistent")
+    target = t.module.weight.data
+    new = deq.t() if transposed else deq
+    target.copy_(new.to(device=target.device, dtype=target.dtype))
+    setattr(t.module, ATTR, qw)
+    t.acc = None  # free the Hessian
+    return LayerReport(
+        name=t.name, block=block, subset=subset, out_features=qw.out_features,
+        in_features=qw.in_features, bits=a.num_bits, group_size=gs, symmetric=a.symmetric,
+        actorder=a.actorder, method=method, loss=float(res.loss),
+        damp_frac=float(res.damp_frac) if method == "gptq" else float("nan"),
+        damp_attempts=list(res.damp_attempts) if method == "gptq" else [],
+        dead_columns=len(res.dead_columns), samples=samples, seconds=seconds,
+        rtn_loss=rtn_loss, note=note,
+    )
+
+
+class _ShareDivergence(Exception):
+    """Modules grouped as sharing one input tensor received different ones after all."""
+
+
+class _SubsetPass:
+    """Forward hooks streaming a subset's inputs into Hessian accumulators.
+
+    Modules fed the very same tensor (q/k/v, gate/up: one ``group``) have the same Hessian, so
+    with ``share`` it is accumulated once for the group. Should the grouping not hold on some
+    sample (a member called twice, skipped, or given another tensor) ``_ShareDivergence`` is
+    raised and the caller redoes the pass unshared. The forward stops as soon as every module
+    of the subset has seen its input for the sample."""
+
+    def __init__(self, groups: list[list[_Target]], label: str, share: bool) -> None:
+        self.groups = groups
+        self.targets = [t for g in groups for t in g]
+        self.label = label
+        self.share = share
+        self.group_of = {id(t.module): gi for gi, g in enumerate(groups) for t in g}
+        self.shared_acc: dict[int, solver.HessianAccumulator] = {}
+        self.fired: set[int] = set()
+        self.counts: dict[int, int] = {}
+        self.group_x: dict[int, torch.Tensor] = {}
+        self.handles: list[Any] = []
+
+    def install(self) -> None:
+        for t in self.targets:
+            t.acc = None
+            self.handles.append(t.module.register_forward_hook(self._hook(t)))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self.group_x.clear()
+
+    def start_sample(self) -> None:
+        self.fired.clear()
+        self.counts.clear()
+        self.group_x.clear()
+
+    def end_sample(self) -> None:
+        if not self.share:
+            return
+        for g in self.groups:
+            if len(g) > 1 and len({self.counts.get(id(t.module), 0) for t in g}) > 1:
+                raise _ShareDivergence
+
+    def _add(self, t: _Target, acc: solver.HessianAccumulator, x: torch.Tensor) -> None:
+        try:
+            # the core scans for NaN/Inf itself; torch re-checks only to name the culprit
+            acc.add_batch(x)
+        except ValueError as e:
+            _check_finite(x, f"the input activations of layer {t.name!r} ({self.label})")
+            raise ValueError(f"layer {t.name!r}: {e}") from e
+
+    def _hook(self, t: _Target) -> Callable[..., None]:
+        key = id(t.module)
+        gi = self.group_of[key]
+        shared = self.share and len(self.groups[gi]) > 1
+
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            x = inputs[0] if inputs else None
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"layer {t.name!r} was called without a tensor input")
+            x = x.detach()
+            if shared:
+                self.counts[key] = self.counts.get(key, 0) + 1
+                if self.counts[key] > 1:
+                    raise _ShareDivergence
+                gx = self.group_x.get(gi)
+                if gx is None:
+                    if gi not in self.shared_acc:
+                        self.shared_acc[gi] = solver.HessianAccumulator(x.shape[-1])
+                    self.group_x[gi] = x
+                    self._add(t, self.shared_acc[gi], x)
+                elif gx is not x:
+                    raise _ShareDivergence
+                t.acc = self.shared_acc[gi]
+            else:
+                if t.acc is None:
+                    t.acc = solver.HessianAccumulator(x.shape[-1])
+                self._add(t, t.acc, x)
+            self.fired.add(key)
+            if len(self.fired) == len(self.targets):
+                raise _StopForward
+
+        return hook
+
+
+def _calibrate(groups: list[list[_Target]], label: str, run: Callable[[int], None],
+               n_samples: int) -> None:
+    """Runs ``run(sample)`` for every sample under the subset's hooks (sharing Hessians within
+    groups, redone without sharing if a group does not hold)."""
+    for share in (True, False):
+        sp = _SubsetPass(groups, label, share)
+        sp.install()
+        try:
+            for s in range(n_samples):
+                sp.start_sample()
+                try:
+                    run(s)
+                except _StopForward:
+                    pass
+                sp.end_sample()
+            return
+        except _ShareDivergence:
+            logger.debug("%s: modules fed one tensor on the probe diverged; redoing unshared",
+                         label)
+            continue
+        finally:
+            sp.remove()
+
+
+def _execution_groups(block: nn.Module, targets: list[_Target], hidden: torch.Tensor,
+                      call: _Call) -> list[list[_Target]]:
+    """Targets grouped in execution order (probe: the first sample); consecutive modules fed the
+    very same tensor form one group (q/k/v; gate/up). Modules the probe did not reach come
+    last, one group each."""
+    by_id = {id(t.module): t for t in targets}
+    order: list[list[_Target]] = []
+    seen: set[int] = set()
+    last_input: list[Any] = [None]
+
+    def pre(module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        x = inputs[0] if inputs else None
+        if order and x is not None and x is last_input[0]:
+            order[-1].append(by_id[id(module)])
+        else:
+            order.append([by_id[id(module)]])
+        last_input[0] = x
+        if len(seen) == len(by_id):
+            raise _StopForward
+
+    handles = [t.module.register_forward_pre_hook(pre) for t in targets]
+    try:
+        _call_block(block, hidden, call)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    order += [[t] for t in targets if id(t.module) not in seen]
+    return order
+
+
+# --------------------------------------------------------------------------------------------
+# main loop
+# --------------------------------------------------------------------------------------------
+
+
+def _quantize_block(i: int, bname: str, block: nn.Module, targets: list[_Target],
+                    hiddens: list[torch.Tensor], bcalls: list[_Call], recipe: GPTQ,
+                    report_rtn_loss: bool, bar: Any) -> list[LayerReport]:
+    """Calibrates and solves the targets of one block, subset by subset."""
+    groups = _execution_groups(block, targets, hiddens[0], bcalls[0])
+    subsets = [[g] for g in groups] if recipe.true_sequential else [groups]
+    out: list[LayerReport] = []
+
+    def run(s: int) -> None:
+        _call_block(block, hiddens[s], bcalls[s])
+
+    for k, subset in enumerate(subsets):
+        bar.set_postfix_str(f"{bname} subset {k + 1}/{len(subsets)}")
+        _calibrate(subset, f"block {bname}", run, len(hiddens))
+        out += [_solve(t, recipe, i, k, report_rtn_loss) for g in subset for t in g]
+    return out
+
+
+def _propagate(bname: str, block: nn.Module, hiddens: list[torch.Tensor],
+               bcalls: list[_Call]) -> list[torch.Tensor]:
+    """The block's outputs (after its quantization): the next block's inputs."""
+    new = []
+    for s, (h, c) in enumerate(zip(hiddens, bcalls)):
+        out = _call_block(block, h, c)
+        _check_finite(out, f"the outputs of block {bname!r} for sample {s}")
+        new.append(out)
+    return new
+
+
+def run_gptq(model: nn.Module, recipe: GPTQ, calib: CalibrationSet, *,
+             device: str | torch.device | None = "cpu", show_progress: bool = True,
+             report_rtn_loss: bool = False) -> QuantizationReport:
+    """Quantizes ``model`` in place; see the module docstring."""
+    if len(calib) == 0:
+        raise ValueError("the calibration set is empty")
+    dev = _resolve_device(device)
+    t_start = time.perf_counter()
+    blocks = find_blocks(model, recipe.sequential_targets)
+    groups = recipe.resolved_groups()
+
+    per_block = [_targets_in(b, n, recipe, groups, in_block=True)
+                 for n, b in zip(blocks.names, blocks.modules)]
+    block_prefixes = tuple(n + "." for n in blocks.names)
+    outside = _targets_in(model, "", recipe, groups, in_block=False,
+                          skip=lambda n: n in blocks.names or n.startswith(block_prefixes))
+    if not any(per_block) and not outside:
+        found = sorted({type(m).__name__ for b in blocks.modules for m in b.modules()
+                        if is_quantizable(m)})
+        raise ValueError(
+            f"no module matched the recipe's targets inside the decoder blocks {blocks.path!r} "
+            f"(targets per group: {[g.targets for g in groups.values()]}, ignore: "
+            f"{recipe.ignore}); quantizable classes there: {found}"
+        )
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    for t in outside:
+        if emb is not None and t.module.weight is getattr(emb, "weight", None):
+            raise ValueError(
+                f"layer {t.name!r} shares its weight with the input embeddings "
+                "(tie_word_embeddings); quantizing it would also change the embeddings. Untie "
+                "the weights first or drop it from the targets"
+            )
+
+    was_training = model.training
+    model.eval()
+    reports: list[LayerReport] = []
+    try:
+        with torch.no_grad():
+            hiddens, calls = capture_block_inputs(model, blocks, calib)
+            hiddens = [h.to(dev) for h in hiddens]
+            bar = tqdm(total=len(blocks), desc="GPTQ", unit="block", disable=not show_progress)
+            try:
+                for i, (bname, block) in enumerate(zip(blocks.names, blocks.modules)):
+                    home = _first_device(block)
+                    block.to(dev)
+                    try:
+                        memo: dict[int, Any] = {}
+                        bcalls = [_Call(_to(c.args, dev, memo), _to(c.kwargs, dev, memo),
+                                        c.hidden_key) for c in calls[i]]
+                        if per_block[i]:
+                            reports += _quantize_block(i, bname, block, per_block[i], hiddens,
+                                                       bcalls, recipe, report_rtn_loss, bar)
+                        bar.set_postfix_str(f"{bname} outputs")
+                        hiddens = _propagate(bname, block, hiddens, bcalls)
+                        del bcalls, memo
+                        calls[i] = []
+                    finally:
+                        block.to(home)
+                    bar.update(1)
+            finally:
+                bar.close()
+            del hiddens
+            if outside:
+                reports += _quantize_outside(model, outside, calib, recipe, report_rtn_loss)
+    finally:
+        model.train(was_training)
+
+    rep = QuantizationReport(reports, seconds=time.perf_counter() - t_start,
+                             num_samples=len(calib), num_tokens=calib.num_tokens,
+                             blocks=blocks.path)
+    model.fq_recipe = recipe
+    model.fq_report = rep
+    logger.info("ferroquant GPTQ report\n%s", rep.table())
+    return rep
+
+
+def _quantize_outside(model: nn.Module, targets: list[_Target], calib: CalibrationSet,
+                      recipe: GPTQ, report_rtn_loss: bool) -> list[LayerReport]:
+    """Modules outside the blocks (an explicitly targeted ``lm_head``): full-model forwards, so
+    their inputs carry every block's quantization error."""
+    samples = list(calib)
+
+    def run(s: int) -> None:
+        _forward_model(model, _model_inputs(model, samples[s]))
+
+    _calibrate([[t] for t in targets], "outside the decoder blocks", run, len(samples))
+    return [_solve(t, recipe, -1, 0, report_rtn_loss) for t in targets]
