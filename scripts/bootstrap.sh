@@ -3,7 +3,7 @@
 # the dependencies, builds the Rust extension, then runs the job asked for.
 #
 #   scripts/bootstrap.sh demo [args]   quantize SmolLM2-135M, perplexity + generation before/after
-#   scripts/bootstrap.sh test          cargo test (Rust core) + pytest (everything else)
+#   scripts/bootstrap.sh test          ruff, cargo test (Rust core), pytest (everything else)
 #   scripts/bootstrap.sh env           only install; prints the venv's python
 #
 # The venv lives outside the checkout (FERROQUANT_VENV, default ~/.cache/ferroquant/venv) so
@@ -28,7 +28,7 @@ py="$venv/bin/python"
 # maturin installs the project's dependencies (and the `test` extra) before the editable build.
 cd "$root"
 VIRTUAL_ENV="$venv" PATH="$venv/bin:$PATH" \
-  "$venv/bin/maturin" develop --release --quiet --extras test,gguf
+  "$venv/bin/maturin" develop --release --quiet --extras test,gguf,interop
 
 case "$job" in
   env)
@@ -38,6 +38,7 @@ case "$job" in
     exec "$py" -m ferroquant.demo "$@"
     ;;
   test)
+    "$py" -m ruff check --quiet python tests benches
     cargo test -p ferroquant-core --release --quiet
     exec "$py" -m pytest -q "$@" tests
     ;;

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from ferroquant import calibration as C
+from shared_data import DATA
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MODEL = DATA / "models" / "stories260K"
 TINY = DATA / "text" / "tinystories_valid_30k.txt"
 C4 = DATA / "text" / "c4_calibration.jsonl"

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from ferroquant import cli
+from shared_data import DATA
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 STORIES = DATA / "models" / "stories260K"
 TINY_TEXT = DATA / "text" / "tinystories_valid_30k.txt"
 

@@ -8,13 +8,12 @@ computed independently through transformers' own ``labels=`` loss.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from ferroquant.eval import count_windows, perplexity, tokenize_text
+from shared_data import DATA
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 STORIES = DATA / "models" / "stories260K"
 TINY_TEXT = DATA / "text" / "tinystories_valid_30k.txt"
 

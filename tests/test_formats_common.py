@@ -24,8 +24,6 @@ from ferroquant.formats.common import (
 from ferroquant.quantized import ATTR, QuantizedWeight
 from torch import nn
 
-STORIES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "models" / "stories260K"
-
 # ---------------------------------------------------------------------------------------------
 # helpers (imported by the other test_formats*/test_load*/test_interop* files)
 

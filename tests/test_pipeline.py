@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +14,8 @@ from ferroquant.api import quantize
 from ferroquant.blocks import linear_weight
 from ferroquant.config import GPTQ
 from ferroquant.pipeline import LayerReport, QuantizationReport
+from shared_data import DATA
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MODEL = DATA / "models" / "stories260K"
 TINY = DATA / "text" / "tinystories_valid_30k.txt"
 

@@ -35,6 +35,8 @@ from typing import Any, Literal
 
 import torch
 
+from .models import shared_data_root
+
 __all__ = [
     "DEFAULT_CALIBRATION_FILE",
     "CalibrationSet",
@@ -45,9 +47,7 @@ __all__ = [
 ]
 
 # The real C4 sample beside the repository (never committed to it).
-DEFAULT_CALIBRATION_FILE = (
-    Path(__file__).resolve().parents[3] / "shared" / "data" / "text" / "c4_calibration.jsonl"
-)
+DEFAULT_CALIBRATION_FILE = shared_data_root() / "text" / "c4_calibration.jsonl"
 
 Mode = Literal["chunk", "random"]
 

@@ -66,11 +66,16 @@ def shipped_text(name: str) -> Path:
     return p
 
 
-def shared_data_dir() -> Path | None:
-    """The project's real data beside the repository (``../shared/data``), or
-    ``$FERROQUANT_SHARED_DATA``; None when neither exists (an installed package)."""
+def shared_data_root() -> Path:
+    """Where the project's real data is expected: ``$FERROQUANT_SHARED_DATA``, else
+    ``../shared/data`` beside the repository this package was imported from."""
     env = os.environ.get("FERROQUANT_SHARED_DATA")
-    cand = Path(env).expanduser() if env else Path(__file__).resolve().parents[3] / "shared" / "data"
+    return Path(env).expanduser() if env else Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+def shared_data_dir() -> Path | None:
+    """:func:`shared_data_root` when it exists; None otherwise (e.g. an installed package)."""
+    cand = shared_data_root()
     return cand if cand.is_dir() else None
 
 
