@@ -212,3 +212,36 @@ def available_threads() -> int:
 
 def _test_panic(message: str) -> None:
     """Test hook: panics in Rust (GIL released, inside the pool); must raise RuntimeError."""
+
+# --- CUDA (device pointers are raw addresses of torch CUDA tensors; see ferroquant.cuda) ------
+
+def cuda_available() -> bool:
+    """True when the NVIDIA driver, cuBLAS, cuSOLVER and NVRTC load and a context opens."""
+
+def cuda_unavailable_reason() -> str | None:
+    """Why ``cuda_available()`` is False (None when it is True)."""
+
+def cuda_device_name(device: int) -> str: ...
+def cuda_hessian_add(
+    h: int, n: int, x: int, rows: int, dtype: Literal["float32", "float16", "bfloat16"],
+    samples: int, batch: int, flag: int, stream: int, device: int,
+) -> None:
+    """Adds ``rows`` activations at ``x`` to the fp32 ``[n, n]`` Hessian at ``h`` (running
+    rescale by the sample counts), on ``stream`` of ``device``."""
+
+def cuda_gptq_workspace_bytes(rows: int, cols: int, device: int) -> int: ...
+def cuda_gptq_solve(
+    weight: int, hessian: int, codes: int, scales: int, zeros: int, dequantized: int,
+    workspace: int, workspace_bytes: int, rows: int, cols: int, stream: int, device: int, *,
+    bits: int = 4, symmetric: bool = True, group_size: int = -1, act_order: bool = False,
+    static_groups: bool = False, block_size: int = 128, damp_percent: float = 0.01,
+    damp_growth: float = 2.0, damp_max: float = 1.0, observer: str = "minmax",
+) -> dict[str, Any]:
+    """GPTQ on the GPU into caller-allocated outputs; returns loss, damping and dead columns."""
+
+def cuda_check_options(
+    *, bits: int = 4, symmetric: bool = True, group_size: int = -1, block_size: int = 128,
+    damp_percent: float = 0.01, damp_growth: float = 2.0, damp_max: float = 1.0,
+    observer: str = "minmax",
+) -> None:
+    """Raises ``ValueError`` for options the GPU solver does not take (same text as the CPU's)."""

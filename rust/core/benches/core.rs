@@ -1,8 +1,8 @@
 //! `cargo bench -p ferroquant-core [-- FILTER]`: criterion benchmarks of the core, one
 //! `criterion_group!` per module so each owner adds theirs without touching the others:
 //!
-//! - group "hessian": `HessianAccumulator::add_batch` (f32 and bf16 input)
-//! - group "linalg":  `factor_damped` and `damped_inverse_upper`
+//! - group "hessian": `HessianAccumulator::add_batch` (f32 and bf16 input), n = 1024, 4096, 11008
+//! - group "linalg":  `factor_damped` and `damped_inverse_upper`, n = 1024, 4096, 11008
 //! - group "gptq":    `gptq_quantize` (4-bit, group 128, block 128) at rows x cols = 1024x1024,
 //!   4096x4096 and 4096x11008, plus act-order at 4096x4096. One 4096x11008 solve is ~1 TFlop
 //!   (~10 s on 2 cores), so a full group run takes a few minutes.
@@ -55,6 +55,8 @@ fn bench_hessian(c: &mut Criterion) {
         (1024, 16384),
         (4096, 4096),
         (4096, 16384),
+        // the 11008-wide input of a 7B model's down_proj (~0.5 TFlop per batch)
+        (11008, 2048),
     ] {
         let x = activations(tokens, n, 1);
         // Flops of the triangle actually computed (n(n+1)/2 dot products of length `tokens`).
@@ -97,8 +99,9 @@ fn bench_linalg(c: &mut Criterion) {
     g.sample_size(10)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(5));
-    for &n in &[1024usize, 4096] {
-        let h = hessian(n);
+    for &n in &[1024usize, 4096, 11008] {
+        // accumulating a Hessian from tokens costs more than the factor itself at 11008
+        let h = if n > 4096 { lowrank_hessian(n, 7) } else { hessian(n) };
         // ~n³/3 flops each.
         g.throughput(Throughput::Elements((n * n * n / 3) as u64));
         g.bench_with_input(BenchmarkId::new("factor_damped", n), &h, |b, h| {

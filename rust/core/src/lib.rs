@@ -12,6 +12,7 @@
 //! - [`io`]        atomic, sharded safetensors writing
 //! - [`error`]     the one error type every fallible function returns
 
+pub mod cuda;
 pub mod error;
 pub mod gptq;
 pub mod hessian;

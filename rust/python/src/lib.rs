@@ -6,6 +6,8 @@
 //! `RuntimeError("ferroquant internal error in <fn>: ...")` instead of aborting the interpreter.
 //! No arithmetic lives here.
 
+mod cuda;
+
 use std::any::Any;
 use std::collections::BTreeMap;
 use std::fmt::Display;
@@ -1051,5 +1053,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(available_threads, m)?)?;
     m.add_function(wrap_pyfunction!(_test_panic, m)?)?;
+    cuda::register(m)?;
     Ok(())
 }
