@@ -278,3 +278,52 @@ def test_gpu_bad_inputs_give_the_cpu_errors() -> None:
     dev = fqcuda.gptq_quantize(w.cuda(), hs.cuda(), group_size=32)
     assert len(cpu.damp_attempts) > 1
     assert dev.damp_attempts == cpu.damp_attempts
+
+
+# --------------------------------------------------------------------------------------------
+# the pipeline on the GPU
+# --------------------------------------------------------------------------------------------
+
+
+def _tiny_llama():
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _quantize_tiny(device: str):
+    from ferroquant import quantize
+    from ferroquant.calibration import from_tensors
+
+    g = torch.Generator().manual_seed(0)
+    calib = from_tensors(torch.randint(3, 128, (4, 32), generator=g))
+    model = _tiny_llama()
+    if device != "cpu":
+        model.to(device)
+    rep = quantize(model, {"scheme": "W4A16", "group_size": 16}, calib, device="auto",
+                   show_progress=False)
+    return model, rep
+
+
+def test_auto_device_on_a_cpu_model_quantizes_on_the_cpu() -> None:
+    model, rep = _quantize_tiny("cpu")
+    assert len(rep) == 14 and all(r.method == "gptq" for r in rep)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+@gpu
+def test_pipeline_on_the_gpu_matches_the_cpu() -> None:
+    cpu_model, cpu_rep = _quantize_tiny("cpu")
+    gpu_model, gpu_rep = _quantize_tiny("cuda")
+    for a, b in zip(cpu_rep, gpu_rep):
+        assert a.name == b.name and a.samples == b.samples
+        # upstream layers may differ by a rounding tie, so losses agree loosely per layer
+        assert abs(a.loss - b.loss) <= 1e-2 * abs(a.loss) + 1e-6, a.name
+        qa = cpu_model.get_submodule(a.name).fq_quant
+        qb = gpu_model.get_submodule(b.name).fq_quant
+        assert (qa.codes != qb.codes).float().mean() < 0.01, a.name

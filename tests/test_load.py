@@ -15,8 +15,8 @@ import torch
 from ferroquant.formats import CheckpointError
 from ferroquant.nn import QuantLinear
 from safetensors.torch import load_file, save_file
+from shared_data import STORIES
 from test_formats_common import (
-    STORIES,
     args_of,
     block_linears,
     gptq_encode,

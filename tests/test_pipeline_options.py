@@ -320,7 +320,9 @@ def test_api_accepts_token_tensors_and_preset_names() -> None:
 
 def test_shared_hessians_equal_per_module_hessians(monkeypatch) -> None:
     a, b = _llama(), _llama()
-    ra = _run(a, GPTQ(group_size=16))  # q/k/v and gate/up share one accumulator per group
+    # the per-sample path (the batched one shares by construction): q/k/v and gate/up share one
+    # accumulator per group there unless the grouping is switched off as below
+    ra = _run(a, GPTQ(group_size=16), batched=False)
 
     real_init = pipeline._SubsetPass.__init__
 
@@ -328,7 +330,7 @@ def test_shared_hessians_equal_per_module_hessians(monkeypatch) -> None:
         real_init(self, groups, label, False)
 
     monkeypatch.setattr(pipeline._SubsetPass, "__init__", unshared)
-    rb = _run(b, GPTQ(group_size=16))
+    rb = _run(b, GPTQ(group_size=16), batched=False)
     for x, y in zip(ra, rb):
         assert x.name == y.name and x.samples == y.samples and x.loss == y.loss
         qa, qb = a.get_submodule(x.name).fq_quant, b.get_submodule(y.name).fq_quant

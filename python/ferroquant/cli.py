@@ -96,8 +96,8 @@ def _group_size(s: str) -> int:
 
 
 def _device(s: str) -> str:
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", s):
-        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {s!r}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", s):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {s!r}")
     return s
 
 
@@ -554,7 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ignore", action="append", default=None, metavar="NAME",
                    help="module name, class name or re:regex left unquantized (repeatable; "
                         "lm_head is always ignored unless the recipe says otherwise)")
-    q.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda, cuda:N")
+    q.add_argument("--device", type=_device, default="cpu", help="where each block is quantized: cpu (default), cuda, cuda:N, or auto "
+                        "(the GPU the model sits on)")
     q.add_argument("--recipe", metavar="FILE", default=None,
                    help="YAML/JSON recipe; the flags above override its fields")
     q.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")

@@ -8,13 +8,29 @@
    keyword arguments are kept because models such as Gemma-3 or Qwen with sliding windows give
    each block its own attention mask / rotary tables. KV caches are disabled (``use_cache=False``,
    cache objects replaced by ``None``).
-3. Per block, on ``device``: find the module subsets in execution order (``true_sequential``;
-   modules fed the same tensor - q/k/v, gate/up - form one subset), and per subset run the block
-   over all samples with forward hooks streaming each module's inputs into a Rust
-   ``HessianAccumulator`` (the pass stops as soon as the subset has seen its inputs), solve each
-   module with ``solver.gptq_quantize``, write the dequantized weight back and attach
-   ``module.fq_quant``. Then run the block once more: its outputs *after* quantization feed the
-   next block. The block returns to its original device.
+3. Per block, on ``device``, one of two equivalent paths:
+
+   * batched, one pass (the default when the samples' calls can be stacked and the activations
+     fit in memory): every sample's call is concatenated along the batch dimension and the block
+     runs ONCE. A forward pre-hook on each target module streams the module's input into a Rust
+     ``HessianAccumulator`` (modules fed the very same tensor - q/k/v, gate/up - share one), then,
+     with ``true_sequential``, solves the module right there, writes the dequantized weight back,
+     and only then lets the module run: its output is computed with quantized weights, so every
+     layer's Hessian sees all upstream layers quantized (exactly true-sequential), and the
+     block's output from this same pass is already the next block's input. Without
+     ``true_sequential`` the hooks only accumulate (the pass stops after the last target), all
+     modules are solved, and one more batched pass gives the outputs.
+   * per subset (fallback: samples of different lengths, calls that cannot be stacked, too
+     little memory, a module called twice in a block, not a transformers model): find the
+     module subsets in execution order (modules fed one tensor form one subset), and per subset
+     run the block sample by sample - or over chunks of stacked samples when only the memory
+     is short - with forward hooks streaming inputs into the accumulators (each pass stops as
+     soon as the subset has seen its inputs), solve each module; then run the block once more
+     for its outputs.
+
+   Either way each module is solved with ``solver.gptq_quantize``, its dequantized weight written
+   back and ``module.fq_quant`` attached; the outputs *after* quantization feed the next block.
+   The block returns to its original device.
 4. Targets outside the blocks (only ``lm_head`` named explicitly, in practice) are calibrated
    last with full-model forwards.
 
@@ -26,6 +42,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -36,6 +54,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import cuda as fqcuda
 from . import solver
 from .blocks import Blocks, find_blocks, is_quantizable, linear_weight
 from .calibration import CalibrationSet
@@ -96,12 +115,18 @@ class QuantizationReport(list):
     """A list of :class:`LayerReport` with run-level facts and a printable table."""
 
     def __init__(self, layers: Iterable[LayerReport] = (), *, seconds: float = 0.0,
-                 num_samples: int = 0, num_tokens: int = 0, blocks: str = "") -> None:
+                 num_samples: int = 0, num_tokens: int = 0, blocks: str = "",
+                 block_paths: list[str] | None = None,
+                 phase_seconds: dict[str, float] | None = None) -> None:
         super().__init__(layers)
         self.seconds = seconds
         self.num_samples = num_samples
         self.num_tokens = num_tokens
         self.blocks = blocks
+        # per decoder block: "batched" (one stacked pass) or "per-sample" (+ why, if fallen back)
+        self.block_paths = list(block_paths or [])
+        # wall time by phase: capture, forward (block passes), hessian, solve
+        self.phase_seconds = dict(phase_seconds or {})
 
     @property
     def total_loss(self) -> float:
@@ -130,6 +155,14 @@ class QuantizationReport(list):
         lines.append(f"{len(self)} layers, total loss {self.total_loss:.6g}, "
                      f"{self.num_samples} samples / {self.num_tokens} tokens, "
                      f"{self.seconds:.1f} s")
+        if self.block_paths:
+            counts: dict[str, int] = {}
+            for p in self.block_paths:
+                counts[p] = counts.get(p, 0) + 1
+            lines.append("blocks: " + ", ".join(f"{n} {p}" for p, n in counts.items()))
+        if self.phase_seconds:
+            lines.append("seconds: " + ", ".join(f"{k} {v:.1f}"
+                                                 for k, v in self.phase_seconds.items()))
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -192,11 +225,65 @@ def _check_finite(x: torch.Tensor, what: str) -> None:
         )
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
+def _resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device:
+    """``"auto"``: the GPU the model already sits on, else the CPU."""
+    if device == "auto":
+        return _first_device(model)
     dev = torch.device("cpu" if device is None else device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device={str(device)!r} was asked for but CUDA is not available")
     return dev
+
+
+@dataclass
+class _Phases:
+    """Wall time by phase (cheap counters; ``forward`` is the block loops minus the rest)."""
+
+    capture: float = 0.0
+    blocks: float = 0.0
+    hessian: float = 0.0
+    solve: float = 0.0
+    outside: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {"capture": self.capture,
+                "forward": max(0.0, self.blocks - self.hessian - self.solve),
+                "hessian": self.hessian, "solve": self.solve, "outside blocks": self.outside}
+
+
+def _new_accumulator(x: torch.Tensor) -> solver.HessianAccumulator | fqcuda.HessianAccumulator:
+    """A Hessian accumulator for activations like ``x``: on x's GPU when the CUDA core loads
+    (no host copy of activations), else the CPU core (which copies them to the host)."""
+    if x.is_cuda and fqcuda.available():
+        return fqcuda.HessianAccumulator(x.shape[-1], device=x.device)
+    return solver.HessianAccumulator(x.shape[-1])
+
+
+def _accumulate(name: str, acc: solver.HessianAccumulator, x: torch.Tensor, label: str,
+                phases: _Phases | None) -> None:
+    t0 = time.perf_counter()
+    try:
+        # the core scans for NaN/Inf itself; torch re-checks only to name the culprit
+        acc.add_batch(x)
+    except ValueError as e:
+        _check_finite(x, f"the input activations of layer {name!r} ({label})")
+        raise ValueError(f"layer {name!r}: {e}") from e
+    finally:
+        if phases is not None:
+            phases.hessian += time.perf_counter() - t0
+
+
+def _accumulate_samples(name: str, acc: solver.HessianAccumulator, x: torch.Tensor, label: str,
+                        phases: _Phases | None, n_samples: int) -> None:
+    """Adds ``x`` holding ``n_samples`` stacked samples one sample at a time, in order: the
+    accumulator rescales its running sum per batch, so this gives bit for bit the Hessian of
+    the per-sample path (at the same cost as one big batch)."""
+    rows = x.detach().reshape(-1, x.shape[-1])
+    if n_samples > 1 and rows.shape[0] % n_samples == 0:
+        for part in rows.split(rows.shape[0] // n_samples):
+            _accumulate(name, acc, part, label, phases)
+    else:
+        _accumulate(name, acc, rows, label, phases)
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,8 +429,18 @@ def _targets_in(root: nn.Module, prefix: str, recipe: GPTQ, groups: dict[str, An
     return out
 
 
-def _solve(t: _Target, recipe: GPTQ, block: int, subset: int, report_rtn_loss: bool
-           ) -> LayerReport:
+def _solve(t: _Target, recipe: GPTQ, block: int, subset: int, report_rtn_loss: bool,
+           phases: _Phases | None = None) -> LayerReport:
+    t_all = time.perf_counter()
+    try:
+        return _solve_inner(t, recipe, block, subset, report_rtn_loss)
+    finally:
+        if phases is not None:
+            phases.solve += time.perf_counter() - t_all
+
+
+def _solve_inner(t: _Target, recipe: GPTQ, block: int, subset: int, report_rtn_loss: bool
+                 ) -> LayerReport:
     w, transposed = linear_weight(t.module)
     a = t.args
     gs = a.effective_group_size
@@ -358,13 +455,17 @@ def _solve(t: _Target, recipe: GPTQ, block: int, subset: int, report_rtn_loss: b
                 "never chose); add calibration data or use unreached_policy='rtn'"
             )
         note = "no calibration token reached it: round-to-nearest"
-        warnings.warn(f"layer {t.name!r}: {note}", UserWarning, stacklevel=4)
+        warnings.warn(f"layer {t.name!r}: {note}", UserWarning, stacklevel=5)
         res = solver.rtn_quantize(w, bits=a.num_bits, symmetric=a.symmetric, group_size=gs,
                                   observer=a.observer, name=t.name)
         method = "rtn"
     else:
         h = t.acc.hessian()
-        res = solver.gptq_quantize(
+        # the GPU solver takes the Hessian where it was accumulated; its MSE grid search is not
+        # ported yet, so that observer solves on the CPU
+        on_gpu = isinstance(t.acc, fqcuda.HessianAccumulator) and a.observer != "mse"
+        backend = fqcuda if on_gpu else solver
+        res = backend.gptq_quantize(
             w, h, bits=a.num_bits, symmetric=a.symmetric, group_size=gs,
             act_order=a.actorder is not None, static_groups=a.actorder == "static",
             block_size=recipe.block_size, damp_percent=recipe.dampening_frac,
@@ -415,7 +516,10 @@ class _SubsetPass:
     raised and the caller redoes the pass unshared. The forward stops as soon as every module
     of the subset has seen its input for the sample."""
 
-    def __init__(self, groups: list[list[_Target]], label: str, share: bool) -> None:
+    def __init__(self, groups: list[list[_Target]], label: str, share: bool,
+                 phases: _Phases | None = None) -> None:
+        self.phases = phases
+        self.parts = 1  # samples stacked in the current call (chunked runs)
         self.groups = groups
         self.targets = [t for g in groups for t in g]
         self.label = label
@@ -451,12 +555,7 @@ class _SubsetPass:
                 raise _ShareDivergence
 
     def _add(self, t: _Target, acc: solver.HessianAccumulator, x: torch.Tensor) -> None:
-        try:
-            # the core scans for NaN/Inf itself; torch re-checks only to name the culprit
-            acc.add_batch(x)
-        except ValueError as e:
-            _check_finite(x, f"the input activations of layer {t.name!r} ({self.label})")
-            raise ValueError(f"layer {t.name!r}: {e}") from e
+        _accumulate_samples(t.name, acc, x, self.label, self.phases, self.parts)
 
     def _hook(self, t: _Target) -> Callable[..., None]:
         key = id(t.module)
@@ -475,7 +574,7 @@ class _SubsetPass:
                 gx = self.group_x.get(gi)
                 if gx is None:
                     if gi not in self.shared_acc:
-                        self.shared_acc[gi] = solver.HessianAccumulator(x.shape[-1])
+                        self.shared_acc[gi] = _new_accumulator(x)
                     self.group_x[gi] = x
                     self._add(t, self.shared_acc[gi], x)
                 elif gx is not x:
@@ -483,7 +582,7 @@ class _SubsetPass:
                 t.acc = self.shared_acc[gi]
             else:
                 if t.acc is None:
-                    t.acc = solver.HessianAccumulator(x.shape[-1])
+                    t.acc = _new_accumulator(x)
                 self._add(t, t.acc, x)
             self.fired.add(key)
             if len(self.fired) == len(self.targets):
@@ -493,15 +592,19 @@ class _SubsetPass:
 
 
 def _calibrate(groups: list[list[_Target]], label: str, run: Callable[[int], None],
-               n_samples: int) -> None:
+               n_samples: int, phases: _Phases | None = None,
+               sizes: list[int] | None = None) -> None:
     """Runs ``run(sample)`` for every sample under the subset's hooks (sharing Hessians within
-    groups, redone without sharing if a group does not hold)."""
+    groups, redone without sharing if a group does not hold). ``sizes``: how many samples
+    each call stacks, when they are chunks of samples."""
     for share in (True, False):
         sp = _SubsetPass(groups, label, share)
+        sp.phases = phases
         sp.install()
         try:
             for s in range(n_samples):
                 sp.start_sample()
+                sp.parts = sizes[s] if sizes else 1
                 try:
                     run(s)
                 except _StopForward:
@@ -552,14 +655,16 @@ def _execution_groups(block: nn.Module, targets: list[_Target], hidden: torch.Te
 
 
 # --------------------------------------------------------------------------------------------
-# main loop
+# per-sample path (fallback)
 # --------------------------------------------------------------------------------------------
 
 
 def _quantize_block(i: int, bname: str, block: nn.Module, targets: list[_Target],
                     hiddens: list[torch.Tensor], bcalls: list[_Call], recipe: GPTQ,
-                    report_rtn_loss: bool, bar: Any) -> list[LayerReport]:
-    """Calibrates and solves the targets of one block, subset by subset."""
+                    report_rtn_loss: bool, bar: Any, phases: _Phases | None = None,
+                    sizes: list[int] | None = None) -> list[LayerReport]:
+    """Calibrates and solves the targets of one block, subset by subset, sample by sample (or
+    chunk by chunk: ``sizes`` samples stacked in each entry of ``hiddens``)."""
     groups = _execution_groups(block, targets, hiddens[0], bcalls[0])
     subsets = [[g] for g in groups] if recipe.true_sequential else [groups]
     out: list[LayerReport] = []
@@ -569,30 +674,320 @@ def _quantize_block(i: int, bname: str, block: nn.Module, targets: list[_Target]
 
     for k, subset in enumerate(subsets):
         bar.set_postfix_str(f"{bname} subset {k + 1}/{len(subsets)}")
-        _calibrate(subset, f"block {bname}", run, len(hiddens))
-        out += [_solve(t, recipe, i, k, report_rtn_loss) for g in subset for t in g]
+        _calibrate(subset, f"block {bname}", run, len(hiddens), phases, sizes)
+        out += [_solve(t, recipe, i, k, report_rtn_loss, phases) for g in subset for t in g]
     return out
 
 
 def _propagate(bname: str, block: nn.Module, hiddens: list[torch.Tensor],
                bcalls: list[_Call]) -> list[torch.Tensor]:
-    """The block's outputs (after its quantization): the next block's inputs."""
+    """The block's outputs (after its quantization): the next block's inputs (one per entry of
+    ``hiddens``: a sample, or a chunk of stacked samples)."""
     new = []
-    for s, (h, c) in enumerate(zip(hiddens, bcalls)):
+    first = 0
+    for h, c in zip(hiddens, bcalls):
         out = _call_block(block, h, c)
-        _check_finite(out, f"the outputs of block {bname!r} for sample {s}")
+        _check_batch_finite(out, bname, first)
+        first += int(h.shape[0])
         new.append(out)
     return new
 
 
+# --------------------------------------------------------------------------------------------
+# batched, one-pass path
+# --------------------------------------------------------------------------------------------
+
+
+class _Unbatchable(Exception):
+    """The block cannot run the batched path (the message says why); the per-sample path does."""
+
+
+def _merge(values: list[Any], where: str) -> Any:
+    """One call argument for the stacked batch, from its per-sample values: a tensor equal in
+    every sample (causal mask, rotary tables of the same positions) is kept once and
+    broadcasts; per-sample tensors ``[1, ...]`` are concatenated along dim 0; containers are
+    merged item by item; anything else must be equal in every sample."""
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        if not all(isinstance(v, torch.Tensor) for v in values):
+            raise _Unbatchable(f"{where} is a tensor for some samples only")
+        like = all(v.shape == first.shape and v.dtype == first.dtype and v.device == first.device
+                   for v in values)
+        if all(v is first for v in values) or (like and all(torch.equal(v, first)
+                                                            for v in values[1:])):
+            return first
+        if not like or first.dim() == 0 or first.shape[0] != 1:
+            shapes = sorted({tuple(v.shape) for v in values})[:3]
+            raise _Unbatchable(f"{where} differs between samples and has no batch dimension "
+                               f"of 1 to stack on (shapes {shapes})")
+        return torch.cat(values, 0)
+    if isinstance(first, (tuple, list)) and type(first) in (tuple, list):
+        if not all(type(v) is type(first) and len(v) == len(first) for v in values):
+            raise _Unbatchable(f"{where} has a different structure between samples")
+        return type(first)(_merge([v[j] for v in values], f"{where}[{j}]")
+                           for j in range(len(first)))
+    if isinstance(first, dict):
+        if not all(isinstance(v, dict) and v.keys() == first.keys() for v in values):
+            raise _Unbatchable(f"{where} has different keys between samples")
+        return {k: _merge([v[k] for v in values], f"{where}[{k!r}]") for k in first}
+    for v in values[1:]:
+        if v is first:
+            continue
+        if isinstance(v, torch.Tensor):
+            raise _Unbatchable(f"{where} is a tensor for some samples only")
+        try:
+            same = bool(v == first)
+        except Exception:  # noqa: BLE001 - objects without a usable ==: not batchable
+            same = False
+        if not same:
+            raise _Unbatchable(f"{where} differs between samples ({first!r} vs {v!r})"[:200])
+    return first
+
+
+def _batch_calls(hiddens: list[torch.Tensor], calls: list[_Call],
+                 stacked: torch.Tensor | None = None) -> tuple[torch.Tensor, _Call]:
+    """All samples' calls as one call with the hidden states stacked along dim 0
+    (``stacked``: that stack, when the previous block already produced it)."""
+    shapes = {tuple(h.shape) for h in hiddens}
+    if len(shapes) != 1:
+        raise _Unbatchable(f"samples have different hidden-state shapes ({len(shapes)} kinds, "
+                           f"e.g. {sorted(shapes)[:3]})")
+    shape = next(iter(shapes))
+    if len(shape) < 2 or shape[0] != 1:
+        raise _Unbatchable(f"hidden states of shape {list(shape)} (expected [1, seq, hidden])")
+    if len({c.hidden_key for c in calls}) != 1 or len({len(c.args) for c in calls}) != 1 \
+            or len({tuple(sorted(c.kwargs)) for c in calls}) != 1:
+        raise _Unbatchable("samples call the block with different arguments")
+    c0 = calls[0]
+    args = tuple(_merge([c.args[j] for c in calls], f"positional argument {j + 1}")
+                 for j in range(len(c0.args)))
+    kwargs = {k: _merge([c.kwargs[k] for c in calls], f"keyword argument {k!r}")
+              for k in c0.kwargs}
+    if stacked is None:
+        stacked = torch.cat(hiddens, 0) if len(hiddens) > 1 else hiddens[0]
+    return stacked, _Call(args, kwargs, c0.hidden_key)
+
+
+def _chunk_calls(hiddens: list[torch.Tensor], calls: list[_Call], k: int
+                 ) -> tuple[list[torch.Tensor], list[_Call], list[int]]:
+    """The samples stacked ``k`` at a time (the last chunk may be smaller)."""
+    hs, cs, sizes = [], [], []
+    for j in range(0, len(hiddens), k):
+        h, c = _batch_calls(hiddens[j:j + k], calls[j:j + k])
+        hs.append(h)
+        cs.append(c)
+        sizes.append(min(k, len(hiddens) - j))
+    return hs, cs, sizes
+
+
+def _check_batch_finite(out: torch.Tensor, bname: str, first: int = 0) -> None:
+    """Block outputs of stacked samples ``first, first + 1, ...``: NaN/Inf names the sample."""
+    if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+        for s in range(out.shape[0]):
+            _check_finite(out[s:s + 1], f"the outputs of block {bname!r} for sample {first + s}")
+        _check_finite(out, f"the outputs of block {bname!r}")
+
+
+class _OnePass:
+    """Forward pre-hooks for the batched pass over one block.
+
+    Each target's hook streams its input into a Hessian accumulator - the one of the previous
+    target when both got the very same tensor (q/k/v, gate/up: computed once) - and, with
+    ``solve_now``, solves the module before it runs, so downstream modules see its quantized
+    output. Without ``solve_now`` the targets are only calibrated and the pass stops once all
+    have fired. With ``solve_now``, ``subset`` numbers count groups of consecutive modules fed
+    one tensor, in execution order (the per-sample path's subsets); without, all are subset 0."""
+
+    def __init__(self, targets: list[_Target], label: str, block: int, recipe: GPTQ,
+                 solve_now: bool, report_rtn_loss: bool, phases: _Phases | None,
+                 n_samples: int) -> None:
+        self.n_samples = n_samples
+        self.by_id = {id(t.module): t for t in targets}
+        self.label, self.block, self.recipe = label, block, recipe
+        self.solve_now, self.report_rtn_loss, self.phases = solve_now, report_rtn_loss, phases
+        self.fired: list[tuple[_Target, int]] = []
+        self.fired_ids: set[int] = set()
+        self.subset = -1
+        self.last: tuple[torch.Tensor, solver.HessianAccumulator] | None = None
+        self.reports: list[LayerReport] = []
+        self.handles: list[Any] = []
+
+    def install(self) -> None:
+        for t in self.by_id.values():
+            t.acc = None
+            self.handles.append(t.module.register_forward_pre_hook(self._pre))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self.last = None
+
+    def _pre(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        t = self.by_id[id(module)]
+        if id(module) in self.fired_ids:
+            # its Hessian would need this second input too, after it was already solved
+            raise _Unbatchable(f"layer {t.name!r} runs more than once in one block forward")
+        x = inputs[0] if inputs else None
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"layer {t.name!r} was called without a tensor input")
+        if self.last is not None and self.last[0] is x:
+            acc = self.last[1]
+        else:
+            self.subset += 1
+            acc = _new_accumulator(x)
+            _accumulate_samples(t.name, acc, x, self.label, self.phases, self.n_samples)
+            self.last = (x, acc)
+        t.acc = acc
+        self.fired_ids.add(id(module))
+        self.fired.append((t, self.subset))
+        if self.solve_now:
+            self.reports.append(_solve(t, self.recipe, self.block, self.subset,
+                                       self.report_rtn_loss, self.phases))
+        elif len(self.fired_ids) == len(self.by_id):
+            raise _StopForward
+
+    def finish(self) -> list[LayerReport]:
+        """Solves what is left: every fired target (without ``solve_now``), then the targets no
+        token reached (``_solve``'s unreached policy), each in a subset of its own."""
+        if not self.solve_now:  # one subset: the whole block (as on the per-sample path)
+            self.reports += [_solve(t, self.recipe, self.block, 0, self.report_rtn_loss,
+                                    self.phases) for t, _ in self.fired]
+        k = self.subset
+        for t in self.by_id.values():
+            if id(t.module) not in self.fired_ids:
+                k += 1
+                self.reports.append(_solve(t, self.recipe, self.block,
+                                           k if self.solve_now else 0,
+                                           self.report_rtn_loss, self.phases))
+        return self.reports
+
+
+def _quantize_block_batched(i: int, bname: str, block: nn.Module, targets: list[_Target],
+                            hidden: torch.Tensor, call: _Call, recipe: GPTQ,
+                            report_rtn_loss: bool, phases: _Phases | None
+                            ) -> tuple[list[LayerReport], torch.Tensor]:
+    """Quantizes one block from one stacked call; returns the reports and the block's outputs
+    after quantization. Raises ``_Unbatchable`` (weights untouched) when the block cannot."""
+    saved = {id(t.module): t.module.weight.detach().clone() for t in targets}
+    op = _OnePass(targets, f"block {bname}", i, recipe, recipe.true_sequential,
+                  report_rtn_loss, phases, int(hidden.shape[0]))
+    try:
+        op.install()
+        try:
+            out = _call_block(block, hidden, call)
+        except _StopForward:
+            out = None
+        finally:
+            op.remove()
+        reports = op.finish()
+    except _Unbatchable:
+        for t in targets:  # undo what was solved before the block turned out not batchable
+            t.module.weight.data.copy_(saved[id(t.module)])
+            t.acc = None
+            if ATTR in t.module.__dict__:
+                delattr(t.module, ATTR)
+        raise
+    if out is None or (targets and not recipe.true_sequential):
+        out = _call_block(block, hidden, call)  # the outputs after quantization
+    _check_batch_finite(out, bname)
+    return reports, out
+
+
+def _available_memory(dev: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``dev`` (None if unknown)."""
+    if dev.type == "cuda":
+        return int(torch.cuda.mem_get_info(dev)[0])
+    if dev.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _attention_heads(model: nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    for k in ("num_attention_heads", "n_head", "num_heads"):
+        v = getattr(cfg, k, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def _batch_bytes(blocks: Blocks, hiddens: list[torch.Tensor], heads: int | None) -> int:
+    """Rough peak activation memory of one block pass over all samples stacked: a few live
+    tensors as wide as the widest layer, plus attention scores should the attention kernel
+    materialize them."""
+    n = len(hiddens)
+    seq, d = int(hiddens[0].shape[-2]), int(hiddens[0].shape[-1])
+    el = hiddens[0].element_size()
+    width = d
+    for b in blocks.modules:
+        for m in b.modules():
+            if is_quantizable(m):
+                width = max(width, *linear_weight(m)[0].shape)
+    h = heads or max(1, d // 64)
+    return n * seq * (6 * width + 4 * d) * el + 2 * n * h * seq * seq * max(el, 4)
+
+
+def _batching_plan(model: nn.Module, blocks: Blocks, hiddens: list[torch.Tensor],
+                   dev: torch.device, batched: bool | None) -> tuple[int, str]:
+    """(samples stacked per block call, why) for this run: all of them = the one-pass path;
+    fewer = the subset-by-subset path over chunks; 1 = sample by sample."""
+    n = len(hiddens)
+    if batched is not None:
+        return (n, "batched=True") if batched else (1, "batched=False")
+    tf = sys.modules.get("transformers")
+    if tf is None or not isinstance(model, tf.PreTrainedModel):
+        # stacking samples assumes the block treats batch rows independently, which holds
+        # for transformers' decoder layers; arbitrary modules may branch on their input
+        return 1, "not a transformers model (pass batched=True to stack samples anyway)"
+    if len({tuple(h.shape) for h in hiddens}) != 1:
+        return 1, "samples of different lengths"
+    need = _batch_bytes(blocks, hiddens, _attention_heads(model))
+    avail = _available_memory(dev)
+    gib = 1 << 30
+    if avail is None:
+        budget, have = 2 * gib, "free memory unknown, limit 2 GiB"
+    else:
+        budget, have = avail // 2, f"{avail / gib:.1f} GiB available, limit half"
+    k = n if need <= budget else max(1, min(n - 1, int(n * budget // max(need, 1))))
+    return k, f"~{need / gib:.2f} GiB of activations for all samples, {have}"
+
+
+# --------------------------------------------------------------------------------------------
+# main loop
+# --------------------------------------------------------------------------------------------
+
+
 def run_gptq(model: nn.Module, recipe: GPTQ, calib: CalibrationSet, *,
              device: str | torch.device | None = "cpu", show_progress: bool = True,
-             report_rtn_loss: bool = False) -> QuantizationReport:
-    """Quantizes ``model`` in place; see the module docstring."""
+             report_rtn_loss: bool = False, batched: bool | None = None) -> QuantizationReport:
+    """Quantizes ``model`` in place; see the module docstring.
+
+    ``batched``: None (default) runs each block once over all samples stacked when the model is
+    a transformers model, the samples have one length and the estimated activations fit in half
+    the free memory of ``device``; when they do not fit, the subset-by-subset path runs over
+    chunks of as many samples as fit; otherwise sample by sample. True always stacks all
+    samples (where the captured calls allow it); False always goes sample by sample (least
+    memory, ~2.5x the block passes, each several times slower than a stacked one). All paths
+    give the same quantized weights up to float rounding. The path taken per block is in the
+    report's ``block_paths`` and the time per phase in its ``phase_seconds``."""
     if len(calib) == 0:
         raise ValueError("the calibration set is empty")
-    dev = _resolve_device(device)
+    dev = _resolve_device(device, model)
     t_start = time.perf_counter()
+    phases = _Phases()
     blocks = find_blocks(model, recipe.sequential_targets)
     groups = recipe.resolved_groups()
 
@@ -621,10 +1016,19 @@ def run_gptq(model: nn.Module, recipe: GPTQ, calib: CalibrationSet, *,
     was_training = model.training
     model.eval()
     reports: list[LayerReport] = []
+    paths: list[str] = []
     try:
         with torch.no_grad():
             hiddens, calls = capture_block_inputs(model, blocks, calib)
             hiddens = [h.to(dev) for h in hiddens]
+            phases.capture = time.perf_counter() - t_start
+            chunk, why = _batching_plan(model, blocks, hiddens, dev, batched)
+            n = len(hiddens)
+            logger.info("ferroquant: %s (%s)", "one batched pass per block" if chunk >= n else
+                        f"block passes per subset over chunks of {chunk} samples" if chunk > 1
+                        else "block passes per subset, sample by sample", why)
+            stacked: torch.Tensor | None = None  # hiddens stacked, when a batched block made it
+            t_blocks = time.perf_counter()
             bar = tqdm(total=len(blocks), desc="GPTQ", unit="block", disable=not show_progress)
             try:
                 for i, (bname, block) in enumerate(zip(blocks.names, blocks.modules)):
@@ -634,11 +1038,42 @@ def run_gptq(model: nn.Module, recipe: GPTQ, calib: CalibrationSet, *,
                         memo: dict[int, Any] = {}
                         bcalls = [_Call(_to(c.args, dev, memo), _to(c.kwargs, dev, memo),
                                         c.hidden_key) for c in calls[i]]
-                        if per_block[i]:
-                            reports += _quantize_block(i, bname, block, per_block[i], hiddens,
-                                                       bcalls, recipe, report_rtn_loss, bar)
-                        bar.set_postfix_str(f"{bname} outputs")
-                        hiddens = _propagate(bname, block, hiddens, bcalls)
+                        path, why_not = "", ""
+                        if chunk >= n:
+                            try:
+                                bar.set_postfix_str(f"{bname} batched")
+                                hb, cb = _batch_calls(hiddens, bcalls, stacked)
+                                rep, stacked = _quantize_block_batched(
+                                    i, bname, block, per_block[i], hb, cb, recipe,
+                                    report_rtn_loss, phases)
+                                del hb, cb
+                                reports += rep
+                                hiddens = list(stacked.split(1, 0))
+                                path = "batched"
+                            except _Unbatchable as e:
+                                why_not = str(e)
+                        if not path:
+                            stacked = None
+                            k = chunk
+                            try:
+                                hs, cs, sizes = (_chunk_calls(hiddens, bcalls, k) if k > 1
+                                                 else (hiddens, bcalls, [1] * n))
+                            except _Unbatchable as e:
+                                why_not = why_not or str(e)
+                                k, hs, cs, sizes = 1, hiddens, bcalls, [1] * n
+                            path = "per-sample" if k == 1 else f"chunks of {k}"
+                            if why_not:
+                                path += f" ({why_not})"
+                                logger.info("ferroquant: block %r: %s", bname, path)
+                            if per_block[i]:
+                                reports += _quantize_block(i, bname, block, per_block[i], hs,
+                                                           cs, recipe, report_rtn_loss, bar,
+                                                           phases, sizes)
+                            bar.set_postfix_str(f"{bname} outputs")
+                            outs = _propagate(bname, block, hs, cs)
+                            hiddens = [o[j:j + 1] for o in outs for j in range(o.shape[0])]
+                            del hs, cs, outs
+                        paths.append(path)
                         del bcalls, memo
                         calls[i] = []
                     finally:
@@ -646,15 +1081,21 @@ def run_gptq(model: nn.Module, recipe: GPTQ, calib: CalibrationSet, *,
                     bar.update(1)
             finally:
                 bar.close()
-            del hiddens
+            phases.blocks = time.perf_counter() - t_blocks
+            del hiddens, stacked
             if outside:
+                t_out = time.perf_counter()
+                h0, s0 = phases.hessian, phases.solve
                 reports += _quantize_outside(model, outside, calib, recipe, report_rtn_loss)
+                phases.outside = time.perf_counter() - t_out
+                phases.hessian, phases.solve = h0, s0
     finally:
         model.train(was_training)
 
     rep = QuantizationReport(reports, seconds=time.perf_counter() - t_start,
                              num_samples=len(calib), num_tokens=calib.num_tokens,
-                             blocks=blocks.path)
+                             blocks=blocks.path, block_paths=paths,
+                             phase_seconds=phases.as_dict())
     model.fq_recipe = recipe
     model.fq_report = rep
     logger.info("ferroquant GPTQ report\n%s", rep.table())
