@@ -147,6 +147,9 @@ def run_rtn(model: Any, scheme: dict[str, Any]) -> int:
     return len(layers)
 
 
+DETAILS: dict[str, Any] = {}  # extra facts a method reports about its run (worker JSON)
+
+
 def run_ferroquant(model: Any, scheme: dict[str, Any], calib: Any) -> int:
     from ferroquant import api
     from ferroquant.config import GPTQ
@@ -156,6 +159,9 @@ def run_ferroquant(model: Any, scheme: dict[str, Any], calib: Any) -> int:
                   ignore=["lm_head", *scheme["ignore"]], actorder="static",
                   dampening_frac=0.01, block_size=128)
     report = api.quantize(model, recipe, calib, device="cpu", show_progress=False)
+    # where the time went (capture, forward, hessian, solve) and which block path ran
+    DETAILS.update(phases={k: round(v, 2) for k, v in report.phase_seconds.items()},
+                   block_paths=sorted(set(report.block_paths)))
     return len(report)
 
 
@@ -213,6 +219,7 @@ def worker(args: argparse.Namespace) -> None:
         "method": method, "ppl": ppl, "quant_s": quant_s if method != "float" else 0.0,
         "eval_s": eval_s, "load_s": load_s, "layers": n_layers,
         "loadavg": [load_before, load_after], "torch_threads": torch.get_num_threads(),
+        **DETAILS,
     }))
 
 
@@ -321,6 +328,13 @@ def table(model_name: str, cfg: dict[str, Any], desc: str,
                 ratio = f"{llmc['quant_s'] / r['quant_s']:.2f}x"
             lines.append(f"| {scheme_name} | {r['method']} | {r['ppl']:.4f} | {rel} | {qt} | "
                          f"{ratio} | {r.get('layers', '')} | {r['loadavg'][0]:.1f} |")
+    phases = [(name, r) for name, rows in results.items() for r in rows if r.get("phases")]
+    if phases:
+        lines += ["", ("ferroquant's time by phase (s; forward = block forwards outside the "
+                       "hooks' own work):"), ""]
+        for name, r in phases:
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in r["phases"].items())
+            lines.append(f"- {name}: {parts}; block path: {', '.join(r.get('block_paths', []))}")
     return "\n".join(lines) + "\n"
 
 

@@ -13,8 +13,8 @@ import torch
 from ferroquant.config import GPTQ
 from ferroquant.quantized import ATTR
 from safetensors.torch import load_file
+from shared_data import STORIES
 from test_formats_common import (
-    STORIES,
     args_of,
     block_linears,
     gptq_decode_qweight,

@@ -13,8 +13,8 @@ import ferroquant.formats as fmt
 import pytest
 import torch
 from safetensors.torch import load_file
+from shared_data import STORIES
 from test_formats_common import (
-    STORIES,
     args_of,
     block_linears,
     ids_for,
