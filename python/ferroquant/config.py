@@ -192,8 +192,8 @@ class GPTQ(BaseModel):
             then o_proj, then gate/up, then down_proj), each seeing inputs that already carry
             the earlier subsets' quantization error.
         observer: overrides every group's observer (``minmax`` or ``mse`` grid search).
-        offload_hessians: accepted for llm-compressor compatibility; Hessians always live in host
-            memory (the Rust core), so this has no effect for now.
+        offload_hessians: keep Hessians in host memory when blocks are quantized on a GPU (less
+            GPU memory, a host copy of every activation batch); on the CPU they live there anyway.
         kv_cache_scheme: must be null - KV-cache quantization is not implemented yet.
         sequential_targets: the decoder blocks, when automatic discovery fails or picks the wrong
             list: a dotted path to an ``nn.ModuleList`` (``"model.layers"``) or a block class

@@ -251,10 +251,12 @@ class _Phases:
                 "hessian": self.hessian, "solve": self.solve, "outside blocks": self.outside}
 
 
-def _new_accumulator(x: torch.Tensor) -> solver.HessianAccumulator | fqcuda.HessianAccumulator:
-    """A Hessian accumulator for activations like ``x``: on x's GPU when the CUDA core loads
-    (no host copy of activations), else the CPU core (which copies them to the host)."""
-    if x.is_cuda and fqcuda.available():
+def _new_accumulator(x: torch.Tensor, t: _Target
+                     ) -> solver.HessianAccumulator | fqcuda.HessianAccumulator:
+    """A Hessian accumulator for ``t``'s activations ``x``: on x's GPU when the CUDA core loads
+    (no host copy of activations) unless the recipe offloads Hessians, else the CPU core (which
+    copies the activations to the host)."""
+    if x.is_cuda and not t.offload_hessian and fqcuda.available():
         return fqcuda.HessianAccumulator(x.shape[-1], device=x.device)
     return solver.HessianAccumulator(x.shape[-1])
 
@@ -414,7 +416,8 @@ class _Target:
     name: str
     module: nn.Module
     args: QuantizationArgs
-    acc: solver.HessianAccumulator | None = None
+    offload_hessian: bool = False  # keep its Hessian in host memory even when x is on a GPU
+    acc: solver.HessianAccumulator | fqcuda.HessianAccumulator | None = None
 
 
 def _targets_in(root: nn.Module, prefix: str, recipe: GPTQ, groups: dict[str, Any],
@@ -425,7 +428,7 @@ def _targets_in(root: nn.Module, prefix: str, recipe: GPTQ, groups: dict[str, An
             continue
         args = recipe.args_for(name, mod, in_block=in_block, groups=groups)
         if args is not None:
-            out.append(_Target(name, mod, args))
+            out.append(_Target(name, mod, args, recipe.offload_hessians))
     return out
 
 
@@ -574,7 +577,7 @@ class _SubsetPass:
                 gx = self.group_x.get(gi)
                 if gx is None:
                     if gi not in self.shared_acc:
-                        self.shared_acc[gi] = _new_accumulator(x)
+                        self.shared_acc[gi] = _new_accumulator(x, t)
                     self.group_x[gi] = x
                     self._add(t, self.shared_acc[gi], x)
                 elif gx is not x:
@@ -582,7 +585,7 @@ class _SubsetPass:
                 t.acc = self.shared_acc[gi]
             else:
                 if t.acc is None:
-                    t.acc = _new_accumulator(x)
+                    t.acc = _new_accumulator(x, t)
                 self._add(t, t.acc, x)
             self.fired.add(key)
             if len(self.fired) == len(self.targets):
@@ -835,7 +838,7 @@ class _OnePass:
             acc = self.last[1]
         else:
             self.subset += 1
-            acc = _new_accumulator(x)
+            acc = _new_accumulator(x, t)
             _accumulate_samples(t.name, acc, x, self.label, self.phases, self.n_samples)
             self.last = (x, acc)
         t.acc = acc

@@ -917,38 +917,7 @@ mod tests {
     }
 
     fn ref_find_params(x: &[f64], bits: u8, sym: bool, mse: bool) -> (f64, f64) {
-        let maxq = ((1u32 << bits) - 1) as f64;
-        let mut xmin = x.iter().cloned().fold(0.0, f64::min);
-        let mut xmax = x.iter().cloned().fold(0.0, f64::max);
-        if sym {
-            xmax = xmax.max(xmin.abs());
-            if xmin < 0.0 {
-                xmin = -xmax;
-            }
-        }
-        if xmin == 0.0 && xmax == 0.0 {
-            xmin = -1.0;
-            xmax = 1.0;
-        }
-        let mut scale = (xmax - xmin) / maxq;
-        let mut zero = if sym { (maxq + 1.0) / 2.0 } else { (-xmin / scale).round_ties_even() };
-        if mse {
-            let (grid, maxshrink, norm) = (100usize, 0.8f64, 2.4f64);
-            let mut best = f64::INFINITY;
-            for i in 0..(maxshrink * grid as f64) as usize {
-                let p = 1.0 - i as f64 / grid as f64;
-                let (lo, hi) = (p * xmin, p * xmax);
-                let s1 = (hi - lo) / maxq;
-                let z1 = if sym { zero } else { (-lo / s1).round_ties_even() };
-                let err: f64 = x.iter().map(|&v| (ref_quant(v, s1, z1, maxq) - v).abs().powf(norm)).sum();
-                if err < best {
-                    best = err;
-                    scale = s1;
-                    zero = z1;
-                }
-            }
-        }
-        (scale, zero)
+        crate::quantizer::reference::reference_params(x, bits, sym, mse.then_some((100, 0.8, 2.4)))
     }
 
     fn ref_quant(x: f64, scale: f64, zero: f64, maxq: f64) -> f64 {

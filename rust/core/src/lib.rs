@@ -4,13 +4,14 @@
 //! row-major `&[f32]` slice with explicit dimensions. One concern per module:
 //!
 //! - [`hessian`]   streaming `H = (2/n) Σ x xᵀ` accumulation (fp32/fp16/bf16 input, fp32 sums)
-//! - [`linalg`]    dead-column handling, damping, the Cholesky factor the solver needs,
-//!                 damping escalation
+//! - [`linalg`]    dead-column handling, damping and its escalation, the Cholesky factor the
+//!   solver needs
 //! - [`quantizer`] per-row/per-group scales and zero points (min-max, MSE grid search)
 //! - [`gptq`]      the column solver (lazy batches, groups, act-order, static groups)
 //! - [`pack`]      int2/3/4/8 bit packing for the GPTQ and compressed-tensors layouts
 //! - [`io`]        atomic, sharded safetensors writing
 //! - [`error`]     the one error type every fallible function returns
+//! - [`cuda`]      the same solver on NVIDIA GPUs (feature `cuda`; its CPU model always builds)
 
 pub mod cuda;
 pub mod error;

@@ -209,18 +209,13 @@ pub fn dequantize_code(q: u8, p: GroupParams) -> f32 {
     p.scale * (q as i32 - p.zero) as f32
 }
 
+/// The reference `find_params` (+ MSE grid search) in f64, written independently of the code
+/// above; the solver's tests use it too.
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn spec(bits: u8, symmetric: bool, observer: Observer) -> QuantSpec {
-        QuantSpec { bits, symmetric, observer }
-    }
-
+pub(crate) mod reference {
     /// Independent f64 transcription of the reference `find_params` + MSE search for one row.
-    fn reference_params(x: &[f32], bits: u8, sym: bool, mse: Option<(usize, f64, f64)>) -> (f64, f64) {
+    pub(crate) fn reference_params(x: &[f64], bits: u8, sym: bool, mse: Option<(usize, f64, f64)>) -> (f64, f64) {
         let maxq = ((1u32 << bits) - 1) as f64;
-        let x: Vec<f64> = x.iter().map(|&v| v as f64).collect();
         let mut xmin = x.iter().cloned().fold(f64::INFINITY, f64::min).min(0.0);
         let mut xmax = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max).max(0.0);
         if sym {
@@ -257,6 +252,17 @@ mod tests {
             }
         }
         (scale, zero)
+    }
+
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reference::reference_params;
+    use super::*;
+
+    fn spec(bits: u8, symmetric: bool, observer: Observer) -> QuantSpec {
+        QuantSpec { bits, symmetric, observer }
     }
 
     fn lcg(seed: &mut u64) -> f32 {
@@ -321,7 +327,8 @@ mod tests {
                         let obs = if mse { Observer::mse_default() } else { Observer::MinMax };
                         let s = spec(bits, sym, obs);
                         let p = fit_group(&x, &s);
-                        let (rs, rz) = reference_params(&x, bits, sym, mse.then_some((100, 0.8, 2.4)));
+                        let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+                        let (rs, rz) = reference_params(&x64, bits, sym, mse.then_some((100, 0.8, 2.4)));
                         assert!(
                             ((p.scale as f64 - rs) / rs).abs() < 1e-5,
                             "bits {bits} sym {sym} mse {mse} n {n}: scale {} vs {rs}",
