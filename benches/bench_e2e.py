@@ -107,11 +107,14 @@ def inputs(model_name: str, tok: Any, cfg: dict[str, Any]) -> tuple[Any, Any, st
         return calib, ids[n * L:], (f"TinyStories tokens [0, {n * L}) as {n} x {L} calibration "
                                     f"windows; tokens [{n * L}, {ids.numel()}) for evaluation")
     cs = calibration.from_file(shared_data() / "text" / "c4_calibration.jsonl", tok,
-                               num_samples=n, seq_len=L, seed=0)
+                               num_samples=n, seq_len=L, seed=cfg.get("calib_seed", 0),
+                               # seed 0: the first tokens in order; others: random windows
+                               mode="random" if cfg.get("calib_seed", 0) else "chunk")
     rows = torch.cat(cs.input_ids, 0)
     wiki = (shared_data() / "text" / "wikitext2_test.txt").read_text(encoding="utf-8")
     return rows, tokenize_text(tok, wiki), (f"C4 sample, {rows.shape[0]} x {rows.shape[1]} "
-                                            f"token windows; WikiText-2 test for evaluation")
+                                            f"token windows (draw {cfg.get('calib_seed', 0)}); "
+                                            "WikiText-2 test for evaluation")
 
 
 def decoder_linears(model: Any, ignore: list[str]) -> list[tuple[str, Any]]:
@@ -348,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--eval-seq-len", type=int, default=None)
     p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--calib-seed", type=int, default=0,
+                   help="which C4 windows calibrate (smollm2): 0 the first tokens in order, "
+                        "N > 0 random windows drawn with seed N")
     p.add_argument("--threads", type=int, default=None, help="torch threads in every worker")
     p.add_argument("--llmc-python", default=None,
                    help="interpreter with llmcompressor installed")
@@ -368,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
     cfg["model"] = args.model
+    cfg["calib_seed"] = args.calib_seed
     if "llmcompressor" in args.methods and not Path(python_for("llmcompressor", args)).exists():
         raise SystemExit(f"bench_e2e: no llm-compressor interpreter at "
                          f"{python_for('llmcompressor', args)}; run "

@@ -34,6 +34,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))
+# the torch re-implementation of the reference algorithm the CPU tests and benches use too
+sys.path.insert(0, str(ROOT / "tests"))
 
 LAYER_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
 
@@ -75,69 +77,6 @@ def best_of(reps: int, dev: object, fn: Callable[[], object]) -> tuple[float, ob
     return best, out
 
 
-def ref_params(x, maxq: int):  # type: ignore[no-untyped-def]
-    """Reference Quantizer.find_params, symmetric min-max, per row of ``x``."""
-    import torch
-
-    zero_t = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
-    xmin = torch.minimum(x.min(1).values, zero_t)
-    xmax = torch.maximum(x.max(1).values, zero_t)
-    xmax = torch.maximum(xmin.abs(), xmax)
-    xmin = torch.where(xmin < 0, -xmax, xmin)
-    both = (xmin == 0) & (xmax == 0)
-    xmin[both], xmax[both] = -1, 1
-    scale = (xmax - xmin) / maxq
-    zero = torch.full_like(scale, (maxq + 1) // 2)
-    return scale.unsqueeze(1), zero.unsqueeze(1)
-
-
-def torch_reference(w, h, *, bits: int = 4, group: int = 128, block: int = 128):  # type: ignore[no-untyped-def]
-    """The GPTQ reference ``fasterquant`` (inverse chain, per-column loop in lazy blocks) in fp32
-    torch ops on ``w``'s device. Returns the dequantized weight."""
-    import torch
-
-    maxq = 2**bits - 1
-    W = w.clone().float()
-    H = h.clone().float()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    damp = 0.01 * torch.mean(torch.diag(H))
-    idx = torch.arange(H.shape[0], device=H.device)
-    H[idx, idx] += damp
-    H = torch.linalg.cholesky(H)
-    H = torch.cholesky_inverse(H)
-    Hinv = torch.linalg.cholesky(H, upper=True)
-    Q = torch.zeros_like(W)
-    cols = W.shape[1]
-    scale = zero = None
-    for i1 in range(0, cols, block):
-        i2 = min(i1 + block, cols)
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            wc = W1[:, i]
-            d = Hinv1[i, i]
-            if (i1 + i) % group == 0:
-                scale, zero = ref_params(W[:, i1 + i : i1 + i + group], maxq)
-            q = torch.clamp(torch.round(wc.unsqueeze(1) / scale) + zero, 0, maxq)
-            q = (scale * (q - zero)).flatten()
-            Q1[:, i] = q
-            err1 = (wc - q) / d
-            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
-            Err1[:, i] = err1
-        Q[:, i1:i2] = Q1
-        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
-    return Q
-
-
-def proxy_loss(w, q, h) -> float:  # type: ignore[no-untyped-def]
-    d = w.double() - q.double()
-    return float(((d @ h.double()) * d).sum())
-
-
 def activations(tokens: int, n: int, dev, dtype, seed: int):  # type: ignore[no-untyped-def]
     """Correlated activations ``z @ A`` (a random low-rank-ish mix plus per-feature scales)."""
     import torch
@@ -170,6 +109,7 @@ def gemm_tflops(dev, dtype, n: int = 8192, reps: int = 5) -> float:  # type: ign
 
 def layer_section(args: argparse.Namespace, dev, backend, shapes) -> list[str]:  # type: ignore[no-untyped-def]
     import torch
+    from reference_gptq import GridSpec, gptq_reference, proxy_loss
 
     lines = [
         "## Per-layer solve (W4 sym, group 128, min-max)",
@@ -193,8 +133,10 @@ def layer_section(args: argparse.Namespace, dev, backend, shapes) -> list[str]: 
         if args.skip_reference:
             t_ref, loss_ref = math.nan, math.nan
         else:
-            t_ref, q_ref = best_of(1, dev, functools.partial(torch_reference, w, h))
-            loss_ref = proxy_loss(w, q_ref, h)
+            ref = functools.partial(gptq_reference, w, h, GridSpec(bits=4), group_size=128,
+                                    dtype=torch.float32)
+            t_ref, r_ref = best_of(1, dev, ref)
+            loss_ref = proxy_loss(w, r_ref.dequantized, h)
         rel = abs(loss_fq - loss_ref) / loss_ref if not math.isnan(loss_ref) else math.nan
         lines.append(
             f"| {rows}x{cols} | {t_fq:.3f} | {t_ref:.3f} | {t_ref / t_fq:.1f}x | {loss_fq:.4g} "

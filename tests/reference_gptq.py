@@ -6,8 +6,9 @@ inverse (Cholesky, ``cholesky_inverse``, upper Cholesky of the inverse), a per-c
 lazy blocks, group grids found when a group starts (on the not-yet-block-updated weights, as the
 reference does), act-order, static groups, symmetric/asymmetric, min-max and MSE grid search.
 
-``dtype`` selects the arithmetic: float64 for tests, float32 for the side-by-side benchmark
-(``benches/bench_layer.py``), so both use the same code.
+``dtype`` selects the arithmetic: float64 for tests, float32 for the side-by-side benchmarks
+(``benches/bench_layer.py`` on CPU, ``benches/gpu_bench.py`` on the GPU: it runs on the inputs'
+device), so all use the same code.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def gptq_reference(
         h = h[perm][:, perm]
 
     damp = percdamp * torch.mean(torch.diag(h))
-    idx = torch.arange(cols)
+    idx = torch.arange(cols, device=h.device)
     h[idx, idx] += damp
     h = torch.linalg.cholesky(h)
     h = torch.cholesky_inverse(h)
@@ -140,7 +141,7 @@ def gptq_reference(
     q_all = torch.zeros_like(w)
     codes = torch.zeros_like(w)
     # Grid used by each processed position; groups are recorded in the order they are found.
-    col_group = torch.zeros(cols, dtype=torch.long)
+    col_group = torch.zeros(cols, dtype=torch.long, device=w.device)
     scales: list[torch.Tensor] = []
     zeros: list[torch.Tensor] = []
     scale, zero = find_params(w, spec) if group_size == -1 else (None, None)

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from ferroquant import cli
 from shared_data import DATA
 
@@ -23,13 +22,7 @@ needs_data = pytest.mark.skipif(not STORIES.is_dir() or not TINY_TEXT.is_file(),
                                 reason="../shared/data (stories260K, TinyStories) not present")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny model on a shared 2-core machine: one thread is fastest and immune to contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

@@ -16,13 +16,7 @@ from reference_gptq import correlated_activations
 N = 96
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():  # type: ignore[no-untyped-def]
-    # Small torch ops on a shared 2-core machine: OpenMP spin-waits dominate with >1 thread.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def x_of(tokens: int, seed: int = 0) -> torch.Tensor:

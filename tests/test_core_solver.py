@@ -24,14 +24,7 @@ from reference_gptq import (
 ROWS = 128
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():  # type: ignore[no-untyped-def]
-    # The reference runs thousands of tiny torch ops; with several threads on a shared
-    # 2-core machine OpenMP spin-waits make them ~50x slower. Restored afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def ref_block(group_size: int, static_groups: bool) -> int:

@@ -22,17 +22,7 @@ pytestmark = pytest.mark.skipif(not STORIES.is_dir() or not TINY_TEXT.is_file(),
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    # A 260K-parameter model runs fastest on one thread, and the 2-core test machine is shared:
-    # with 2 threads and a busy neighbour each window can take 20x longer (OpenMP spinning).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def stories(one_thread):
+def stories(one_torch_thread):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(str(STORIES), dtype=torch.float32).eval()

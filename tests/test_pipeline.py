@@ -19,17 +19,12 @@ from shared_data import DATA
 MODEL = DATA / "models" / "stories260K"
 TINY = DATA / "text" / "tinystories_valid_30k.txt"
 
-pytestmark = pytest.mark.skipif(not MODEL.is_dir(), reason="../shared/data is not available")
+pytestmark = [
+    pytest.mark.skipif(not MODEL.is_dir(), reason="../shared/data is not available"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 SEQ = 256
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -26,12 +26,7 @@ from ferroquant.pipeline import (
 VOCAB = 96
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _llama(tie: bool = True, layers: int = 2) -> nn.Module:
