@@ -5,14 +5,13 @@
 //! missing (never a panic), ValueError / HessianNotPositiveDefiniteError exactly as the CPU path.
 
 use fq::cuda::device::{self, ActDtype, CudaError, HessianAdd, SolveArgs};
-use fq::gptq::GptqOptions;
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::{
-    damping_arg, f32_py, f32s_py, group_size_arg, guarded, positive_usize, spec_arg, to_py_err,
-    value_err,
+    damping_arg, f32_py, f32s_py, gptq_options_arg, group_size_arg, guarded, positive_usize,
+    spec_arg, to_py_err, value_err,
 };
 use ferroquant_core as fq;
 
@@ -163,14 +162,10 @@ fn cuda_gptq_solve<'py>(
 ) -> PyResult<Bound<'py, PyDict>> {
     guarded("cuda_gptq_solve", || {
         let spec = spec_arg(bits, symmetric, observer, 100, 0.8, 2.4)?;
-        let opts = GptqOptions {
-            spec,
-            group_size: group_size_arg(group_size)?,
-            act_order,
-            static_groups,
-            block_size: positive_usize("block_size", block_size)?,
-            damping: damping_arg(damp_percent, damp_growth, damp_max)?,
-        };
+        let opts = gptq_options_arg(
+            spec, group_size, act_order, static_groups, block_size, damp_percent, damp_growth,
+            damp_max,
+        )?;
         let args = SolveArgs {
             weight: addr("weight", weight)?,
             hessian: addr("hessian", hessian)?,

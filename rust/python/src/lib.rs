@@ -286,6 +286,28 @@ fn damping_arg(damp_percent: f64, damp_growth: f64, damp_max: f64) -> PyResult<D
     })
 }
 
+/// The solver options from the keyword arguments the CPU and CUDA bindings share.
+#[allow(clippy::too_many_arguments)]
+fn gptq_options_arg(
+    spec: QuantSpec,
+    group_size: i64,
+    act_order: bool,
+    static_groups: bool,
+    block_size: i64,
+    damp_percent: f64,
+    damp_growth: f64,
+    damp_max: f64,
+) -> PyResult<GptqOptions> {
+    Ok(GptqOptions {
+        spec,
+        group_size: group_size_arg(group_size)?,
+        act_order,
+        static_groups,
+        block_size: positive_usize("block_size", block_size)?,
+        damping: damping_arg(damp_percent, damp_growth, damp_max)?,
+    })
+}
+
 /// `hessian` as a square float32 matrix; `cols` (when given) is the weight's column count.
 fn hessian_arg<'py>(
     obj: &Bound<'py, PyAny>,
@@ -648,14 +670,10 @@ fn gptq_quantize<'py>(
 ) -> PyResult<Bound<'py, PyDict>> {
     guarded("gptq_quantize", || {
         let spec = spec_arg(bits, symmetric, observer, mse_grid, mse_maxshrink, mse_norm)?;
-        let opts = GptqOptions {
-            spec,
-            group_size: group_size_arg(group_size)?,
-            act_order,
-            static_groups,
-            block_size: positive_usize("block_size", block_size)?,
-            damping: damping_arg(damp_percent, damp_growth, damp_max)?,
-        };
+        let opts = gptq_options_arg(
+            spec, group_size, act_order, static_groups, block_size, damp_percent, damp_growth,
+            damp_max,
+        )?;
         let w = array2::<f32>(weight, "weight", "float32")?;
         let (rows, cols) = dims(&w);
         non_empty("weight", (rows, cols))?;
