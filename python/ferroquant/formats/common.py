@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..config import QuantizationArgs
+from ..quantized import QuantizedWeight
 
 
 class CheckpointError(ValueError):
@@ -31,27 +31,11 @@ class CheckpointError(ValueError):
 
 
 @dataclass
-class LayerCodes:
-    """Integer codes of one quantized Linear, in ``nn.Linear`` orientation.
+class LayerCodes(QuantizedWeight):
+    """One quantized Linear as the writers and readers handle it: the pipeline's
+    :class:`QuantizedWeight` (codes in ``nn.Linear`` orientation) plus its ``bias`` (or None)."""
 
-    ``codes`` uint8 [out, in]; ``scales`` float [out, ng]; ``zeros`` int32 [out, ng] (unsigned,
-    in [0, 2**bits - 1]); ``g_idx`` int32 [in]; ``bias`` or None.
-    """
-
-    codes: torch.Tensor
-    scales: torch.Tensor
-    zeros: torch.Tensor
-    g_idx: torch.Tensor
-    args: QuantizationArgs
     bias: torch.Tensor | None = None
-
-    @property
-    def out_features(self) -> int:
-        return int(self.codes.shape[0])
-
-    @property
-    def in_features(self) -> int:
-        return int(self.codes.shape[1])
 
     @property
     def bits(self) -> int:
