@@ -64,7 +64,8 @@ DEFAULTS = {
     "stories260K": {"num_samples": 16, "seq_len": 256, "eval_seq_len": 512, "max_windows": None},
     "smollm2": {"num_samples": 64, "seq_len": 512, "eval_seq_len": 2048, "max_windows": 16},
 }
-METHODS = ["float", "rtn", "ferroquant", "llmcompressor"]
+# ferroquant-bf16: ferroquant with forward_dtype="bfloat16" (blocks calibrated in bf16)
+METHODS = ["float", "rtn", "ferroquant", "ferroquant-bf16", "llmcompressor"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,14 +154,15 @@ def run_rtn(model: Any, scheme: dict[str, Any]) -> int:
 DETAILS: dict[str, Any] = {}  # extra facts a method reports about its run (worker JSON)
 
 
-def run_ferroquant(model: Any, scheme: dict[str, Any], calib: Any) -> int:
+def run_ferroquant(model: Any, scheme: dict[str, Any], calib: Any,
+                   forward_dtype: str | None = None) -> int:
     from ferroquant import api
     from ferroquant.config import GPTQ
 
     preset = {2: "W2A16", 3: "W3A16", 4: "W4A16", 8: "W8A16"}[scheme["bits"]]
     recipe = GPTQ(scheme=preset, group_size=scheme["group_size"],
                   ignore=["lm_head", *scheme["ignore"]], actorder="static",
-                  dampening_frac=0.01, block_size=128)
+                  dampening_frac=0.01, block_size=128, forward_dtype=forward_dtype)
     report = api.quantize(model, recipe, calib, device="cpu", show_progress=False)
     # where the time went (capture, forward, hessian, solve) and which block path ran
     DETAILS.update(phases={k: round(v, 2) for k, v in report.phase_seconds.items()},
@@ -207,6 +209,8 @@ def worker(args: argparse.Namespace) -> None:
         n_layers = run_rtn(model, scheme)
     elif method == "ferroquant":
         n_layers = run_ferroquant(model, scheme, calib)
+    elif method == "ferroquant-bf16":
+        n_layers = run_ferroquant(model, scheme, calib, forward_dtype="bfloat16")
     elif method == "llmcompressor":
         n_layers = run_llmcompressor(model, tok, scheme, calib)
     quant_s = time.perf_counter() - t0
@@ -308,6 +312,9 @@ def table(model_name: str, cfg: dict[str, Any], desc: str,
               "dampening 0.01, block 128, lm_head and embeddings in float; ferroquant also "
               "quantizes true-sequentially (attention before MLP inside a block), "
               "llm-compressor one subgraph per block"),
+             ("- ferroquant-bf16: ferroquant with forward_dtype='bfloat16' (the block being "
+              "quantized runs as a bf16 copy, activations between blocks in bf16, Hessians "
+              "accumulated in fp32; weights quantized from fp32); the model stays fp32"),
              "- time: the quantization call only (model load and perplexity excluded)"]
     lines += [f"- note: {n}" for n in args.note or []]
     lines.append("")
@@ -337,7 +344,7 @@ def table(model_name: str, cfg: dict[str, Any], desc: str,
                        "hooks' own work):"), ""]
         for name, r in phases:
             parts = ", ".join(f"{k} {v:.1f}" for k, v in r["phases"].items())
-            lines.append(f"- {name}: {parts}; block path: {', '.join(r.get('block_paths', []))}")
+            lines.append(f"- {name}, {r['method']}: {parts}; block path: {', '.join(r.get('block_paths', []))}")
     return "\n".join(lines) + "\n"
 
 

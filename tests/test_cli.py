@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from ferroquant import cli
+from ferroquant.config import GPTQ
 from shared_data import DATA
 
 STORIES = DATA / "models" / "stories260K"
@@ -169,8 +170,12 @@ def test_quantize_with_recipe_file_and_flag_override(capsys, tmp_path, calib_fil
     # which compressed-tensors would refuse; per channel it is)
     rc, stdout, err = run(capsys, "quantize", STORIES, out, "--recipe", recipe,
                           "--group-size", "-1", "--format", "compressed-tensors",
-                          "--calibration", calib_file, "--num-samples", "4", "--seq-len", "128")
+                          "--calibration", calib_file, "--num-samples", "4", "--seq-len", "128",
+                          "--forward-dtype", "bfloat16")
     assert rc == 0, err
+    # the recipe saved next to the checkpoint is the one used, flags included
+    saved = GPTQ.from_file(out / "recipe.yaml")
+    assert (saved.scheme, saved.group_size, saved.forward_dtype) == ("W8A16", -1, "bfloat16")
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     w = next(iter(qc["config_groups"].values()))["weights"]
     assert (w["num_bits"], w["strategy"]) == (8, "channel")

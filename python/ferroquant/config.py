@@ -194,6 +194,15 @@ class GPTQ(BaseModel):
         observer: overrides every group's observer (``minmax`` or ``mse`` grid search).
         offload_hessians: keep Hessians in host memory when blocks are quantized on a GPU (less
             GPU memory, a host copy of every activation batch); on the CPU they live there anyway.
+        forward_dtype: the dtype the decoder blocks compute in while they are calibrated
+            (``"bfloat16"``, ``"float16"``, ``"float32"``; default ``None``: the model's own).
+            The block being quantized runs as a copy in that dtype, the activations passed
+            between blocks are kept in it, and the Hessians are accumulated in float32 from
+            them; the weights are still quantized from their original precision and the
+            dequantized values written back in it. ``"bfloat16"`` on a float32 model roughly
+            halves the block forwards and their memory on CPUs with native bf16 arithmetic
+            (AVX512-BF16, AMX) and on GPUs, at bf16 activation precision - what calibrating a
+            bf16 checkpoint sees anyway.
         kv_cache_scheme: must be null - KV-cache quantization is not implemented yet.
         sequential_targets: the decoder blocks, when automatic discovery fails or picks the wrong
             list: a dotted path to an ``nn.ModuleList`` (``"model.layers"``) or a block class
@@ -216,6 +225,7 @@ class GPTQ(BaseModel):
     true_sequential: bool = True
     observer: Literal["minmax", "mse"] | None = None
     offload_hessians: bool = False
+    forward_dtype: Literal["bfloat16", "float16", "float32"] | None = None
     kv_cache_scheme: dict[str, Any] | None = None
     sequential_targets: list[str] | None = None
     unreached_policy: Literal["rtn", "error"] = "rtn"
@@ -224,6 +234,18 @@ class GPTQ(BaseModel):
     @classmethod
     def _listify(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
+
+    @field_validator("forward_dtype", mode="before")
+    @classmethod
+    def _forward_dtype(cls, v: Any) -> Any:
+        # accept torch dtypes and their short names ("torch.bfloat16", "bf16", "fp16", ...)
+        if v is None:
+            return None
+        s = str(v).lower().removeprefix("torch.")
+        if s in ("model", "auto", "none"):
+            return None
+        return {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+                "float": "float32"}.get(s, s)
 
     @field_validator("scheme")
     @classmethod

@@ -40,6 +40,7 @@ The per-layer :class:`LayerReport` list is stored as ``model.fq_report`` and the
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -174,19 +175,22 @@ class QuantizationReport(list):
 # --------------------------------------------------------------------------------------------
 
 
-def _to(obj: Any, device: torch.device, memo: dict[int, Any]) -> Any:
-    """Moves tensors inside tuples/lists/dicts to ``device``, keeping shared tensors shared."""
+def _to(obj: Any, device: torch.device, memo: dict[int, Any],
+        dtype: torch.dtype | None = None) -> Any:
+    """Moves tensors inside tuples/lists/dicts to ``device`` (floating ones also to ``dtype``
+    when given), keeping shared tensors shared."""
     if isinstance(obj, torch.Tensor):
         key = id(obj)
         if key not in memo:
-            memo[key] = obj.to(device)
+            cast = dtype if dtype is not None and obj.is_floating_point() else None
+            memo[key] = obj.to(device, cast)
         return memo[key]
     if isinstance(obj, tuple):
-        return tuple(_to(x, device, memo) for x in obj)
+        return tuple(_to(x, device, memo, dtype) for x in obj)
     if isinstance(obj, list):
-        return [_to(x, device, memo) for x in obj]
+        return [_to(x, device, memo, dtype) for x in obj]
     if isinstance(obj, dict):
-        return {k: _to(v, device, memo) for k, v in obj.items()}
+        return {k: _to(v, device, memo, dtype) for k, v in obj.items()}
     return obj
 
 
@@ -418,6 +422,14 @@ class _Target:
     args: QuantizationArgs
     offload_hessian: bool = False  # keep its Hessian in host memory even when x is on a GPU
     acc: solver.HessianAccumulator | fqcuda.HessianAccumulator | None = None
+    # the module the block forward calls: ``module`` itself, or its copy in ``forward_dtype``
+    # while the block runs as such a copy (hooks go on ``live``; weights are read from and
+    # written to ``module``, then mirrored into ``live``)
+    live: nn.Module = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.live is None:
+            self.live = self.module
 
 
 def _targets_in(root: nn.Module, prefix: str, recipe: GPTQ, groups: dict[str, Any],
@@ -490,9 +502,10 @@ def _solve_inner(t: _Target, recipe: GPTQ, block: int, subset: int, report_rtn_l
     if not diff <= tol:
         raise RuntimeError(f"layer {t.name!r}: the solver's dequantized weight differs from "
                            f"scale*(code-zero) by {diff:.3g}; codes/scales/zeros are inconsistent")
-    target = t.module.weight.data
     new = deq.t() if transposed else deq
-    target.copy_(new.to(device=target.device, dtype=target.dtype))
+    for m in {id(t.module): t.module, id(t.live): t.live}.values():
+        target = m.weight.data
+        target.copy_(new.to(device=target.device, dtype=target.dtype))
     setattr(t.module, ATTR, qw)
     t.acc = None  # free the Hessian
     return LayerReport(
@@ -527,7 +540,7 @@ class _SubsetPass:
         self.targets = [t for g in groups for t in g]
         self.label = label
         self.share = share
-        self.group_of = {id(t.module): gi for gi, g in enumerate(groups) for t in g}
+        self.group_of = {id(t.live): gi for gi, g in enumerate(groups) for t in g}
         self.shared_acc: dict[int, solver.HessianAccumulator] = {}
         self.fired: set[int] = set()
         self.counts: dict[int, int] = {}
@@ -537,7 +550,7 @@ class _SubsetPass:
     def install(self) -> None:
         for t in self.targets:
             t.acc = None
-            self.handles.append(t.module.register_forward_hook(self._hook(t)))
+            self.handles.append(t.live.register_forward_hook(self._hook(t)))
 
     def remove(self) -> None:
         for h in self.handles:
@@ -554,14 +567,14 @@ class _SubsetPass:
         if not self.share:
             return
         for g in self.groups:
-            if len(g) > 1 and len({self.counts.get(id(t.module), 0) for t in g}) > 1:
+            if len(g) > 1 and len({self.counts.get(id(t.live), 0) for t in g}) > 1:
                 raise _ShareDivergence
 
     def _add(self, t: _Target, acc: solver.HessianAccumulator, x: torch.Tensor) -> None:
         _accumulate_samples(t.name, acc, x, self.label, self.phases, self.parts)
 
     def _hook(self, t: _Target) -> Callable[..., None]:
-        key = id(t.module)
+        key = id(t.live)
         gi = self.group_of[key]
         shared = self.share and len(self.groups[gi]) > 1
 
@@ -627,7 +640,7 @@ def _execution_groups(block: nn.Module, targets: list[_Target], hidden: torch.Te
     """Targets grouped in execution order (probe: the first sample); consecutive modules fed the
     very same tensor form one group (q/k/v; gate/up). Modules the probe did not reach come
     last, one group each."""
-    by_id = {id(t.module): t for t in targets}
+    by_id = {id(t.live): t for t in targets}
     order: list[list[_Target]] = []
     seen: set[int] = set()
     last_input: list[Any] = [None]
@@ -645,7 +658,7 @@ def _execution_groups(block: nn.Module, targets: list[_Target], hidden: torch.Te
         if len(seen) == len(by_id):
             raise _StopForward
 
-    handles = [t.module.register_forward_pre_hook(pre) for t in targets]
+    handles = [t.live.register_forward_pre_hook(pre) for t in targets]
     try:
         _call_block(block, hidden, call)
     except _StopForward:
@@ -653,7 +666,7 @@ def _execution_groups(block: nn.Module, targets: list[_Target], hidden: torch.Te
     finally:
         for h in handles:
             h.remove()
-    order += [[t] for t in targets if id(t.module) not in seen]
+    order += [[t] for t in targets if id(t.live) not in seen]
     return order
 
 
@@ -805,7 +818,7 @@ class _OnePass:
                  solve_now: bool, report_rtn_loss: bool, phases: _Phases | None,
                  n_samples: int) -> None:
         self.n_samples = n_samples
-        self.by_id = {id(t.module): t for t in targets}
+        self.by_id = {id(t.live): t for t in targets}
         self.label, self.block, self.recipe = label, block, recipe
         self.solve_now, self.report_rtn_loss, self.phases = solve_now, report_rtn_loss, phases
         self.fired: list[tuple[_Target, int]] = []
@@ -818,7 +831,7 @@ class _OnePass:
     def install(self) -> None:
         for t in self.by_id.values():
             t.acc = None
-            self.handles.append(t.module.register_forward_pre_hook(self._pre))
+            self.handles.append(t.live.register_forward_pre_hook(self._pre))
 
     def remove(self) -> None:
         for h in self.handles:
@@ -858,7 +871,7 @@ class _OnePass:
                                     self.phases) for t, _ in self.fired]
         k = self.subset
         for t in self.by_id.values():
-            if id(t.module) not in self.fired_ids:
+            if id(t.live) not in self.fired_ids:
                 k += 1
                 self.reports.append(_solve(t, self.recipe, self.block,
                                            k if self.solve_now else 0,
@@ -887,6 +900,8 @@ def _quantize_block_batched(i: int, bname: str, block: nn.Module, targets: list[
     except _Unbatchable:
         for t in targets:  # undo what was solved before the block turned out not batchable
             t.module.weight.data.copy_(saved[id(t.module)])
+            if t.live is not t.module:
+                t.live.weight.data.copy_(t.module.weight.data)
             t.acc = None
             if ATTR in t.module.__dict__:
                 delattr(t.module, ATTR)
@@ -895,6 +910,32 @@ def _quantize_block_batched(i: int, bname: str, block: nn.Module, targets: list[
         out = _call_block(block, hidden, call)  # the outputs after quantization
     _check_batch_finite(out, bname)
     return reports, out
+
+
+def _forward_copy(block: nn.Module, targets: list[_Target], bname: str,
+                  dtype: torch.dtype | None) -> nn.Module:
+    """The module the block's calibration forwards run: ``block`` itself, or - when
+    ``forward_dtype`` differs from its floating parameters - a copy with those cast to
+    ``dtype``, whose target modules become the targets' ``live`` modules (undo with
+    ``t.live = t.module``). Buffers keep their dtype: they are tables (rotary frequencies,
+    masks) whose precision the model's own code manages."""
+    floats = [p for p in block.parameters() if p.is_floating_point()]
+    if dtype is None or all(p.dtype == dtype for p in floats):
+        return block
+    try:
+        runner = copy.deepcopy(block)
+    except Exception as e:  # any failure to copy: say which block and why
+        raise RuntimeError(
+            f"forward_dtype={str(dtype).removeprefix('torch.')!r}: block {bname!r} cannot be "
+            f"copied to run in that dtype ({type(e).__name__}: {e}); leave forward_dtype unset"
+        ) from e
+    for p in runner.parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(dtype)
+    mods = dict(runner.named_modules(prefix=bname))
+    for t in targets:
+        t.live = mods[t.name]
+    return runner
 
 
 def _available_memory(dev: torch.device) -> int | None:
@@ -1023,7 +1064,8 @@ def run_gptq(model: nn.Module, recipe: GPTQ, calib: CalibrationSet, *,
     try:
         with torch.no_grad():
             hiddens, calls = capture_block_inputs(model, blocks, calib)
-            hiddens = [h.to(dev) for h in hiddens]
+            fdt = getattr(torch, recipe.forward_dtype) if recipe.forward_dtype else None
+            hiddens = [h.to(dev, fdt) for h in hiddens]
             phases.capture = time.perf_counter() - t_start
             chunk, why = _batching_plan(model, blocks, hiddens, dev, batched)
             n = len(hiddens)
@@ -1037,17 +1079,20 @@ def run_gptq(model: nn.Module, recipe: GPTQ, calib: CalibrationSet, *,
                 for i, (bname, block) in enumerate(zip(blocks.names, blocks.modules)):
                     home = _first_device(block)
                     block.to(dev)
+                    runner = block
                     try:
+                        runner = _forward_copy(block, per_block[i], bname, fdt)
                         memo: dict[int, Any] = {}
-                        bcalls = [_Call(_to(c.args, dev, memo), _to(c.kwargs, dev, memo),
-                                        c.hidden_key) for c in calls[i]]
+                        bcalls = [_Call(_to(c.args, dev, memo, fdt),
+                                        _to(c.kwargs, dev, memo, fdt), c.hidden_key)
+                                  for c in calls[i]]
                         path, why_not = "", ""
                         if chunk >= n:
                             try:
                                 bar.set_postfix_str(f"{bname} batched")
                                 hb, cb = _batch_calls(hiddens, bcalls, stacked)
                                 rep, stacked = _quantize_block_batched(
-                                    i, bname, block, per_block[i], hb, cb, recipe,
+                                    i, bname, runner, per_block[i], hb, cb, recipe,
                                     report_rtn_loss, phases)
                                 del hb, cb
                                 reports += rep
@@ -1069,17 +1114,20 @@ def run_gptq(model: nn.Module, recipe: GPTQ, calib: CalibrationSet, *,
                                 path += f" ({why_not})"
                                 logger.info("ferroquant: block %r: %s", bname, path)
                             if per_block[i]:
-                                reports += _quantize_block(i, bname, block, per_block[i], hs,
+                                reports += _quantize_block(i, bname, runner, per_block[i], hs,
                                                            cs, recipe, report_rtn_loss, bar,
                                                            phases, sizes)
                             bar.set_postfix_str(f"{bname} outputs")
-                            outs = _propagate(bname, block, hs, cs)
+                            outs = _propagate(bname, runner, hs, cs)
                             hiddens = [o[j:j + 1] for o in outs for j in range(o.shape[0])]
                             del hs, cs, outs
                         paths.append(path)
                         del bcalls, memo
                         calls[i] = []
                     finally:
+                        for t in per_block[i]:
+                            t.live = t.module
+                        del runner
                         block.to(home)
                     bar.update(1)
             finally:

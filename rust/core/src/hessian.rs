@@ -5,7 +5,8 @@
 //! Storage: the `n x n` buffer is viewed column-major and only its lower triangle is maintained
 //! (equivalently, the upper triangle of the row-major view). Each batch is a symmetric rank-k
 //! update `H += (2/n_new) XᵀX` done by faer's triangular matmul, which computes only that
-//! triangle: half the flops of a full `X.T @ X`.
+//! triangle: half the flops of a full `X.T @ X`. bf16 batches use [`crate::syrk_bf16`] instead
+//! where the CPU has AVX512-BF16 (about twice the rate).
 
 use faer::linalg::matmul::triangular::{matmul as tri_matmul, BlockStructure};
 use faer::{Accum, MatMut, MatRef, Par};
@@ -13,6 +14,7 @@ use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::syrk_bf16;
 
 /// One batch of activations, row-major `[rows, n]`.
 #[derive(Clone, Copy, Debug)]
@@ -58,6 +60,9 @@ pub struct HessianAccumulator {
     batches: u64,
     /// Tokens per converted/transposed chunk (CHUNK_TOKENS; tests shrink it).
     chunk_tokens: usize,
+    /// bf16 batches go through the AVX512-BF16 kernel where the CPU has it (tests turn it off
+    /// to compare with the f32 path).
+    bf16_kernel: bool,
 }
 
 /// Position of the first non-finite value in a row-major `[rows, n]` batch.
@@ -113,6 +118,7 @@ impl HessianAccumulator {
             samples: 0,
             batches: 0,
             chunk_tokens: CHUNK_TOKENS,
+            bf16_kernel: true,
         })
     }
     pub fn columns(&self) -> usize {
@@ -169,7 +175,11 @@ impl HessianAccumulator {
                 self.rank_k_update(v, rows, alpha, |s, d| s.convert_to_f32_slice(d))
             }
             Activations::BF16(v) => {
-                self.rank_k_update(v, rows, alpha, |s, d| s.convert_to_f32_slice(d))
+                // vdpbf16ps where the CPU has it (products exact, f32 sums: see syrk_bf16)
+                if !(self.bf16_kernel && syrk_bf16::rank_k_update(&mut self.h, n, v, rows, alpha))
+                {
+                    self.rank_k_update(v, rows, alpha, |s, d| s.convert_to_f32_slice(d))
+                }
             }
         }
         self.samples = n_new;
@@ -379,6 +389,29 @@ mod tests {
             let e = rel_fro(&as_f64(&acc.hessian()), &reference(&vals16, rows, n));
             assert!(e < 2e-6, "f16 in chunks of {chunk}: rel err {e}");
         }
+    }
+
+    #[test]
+    fn bf16_kernel_equals_the_f32_path() {
+        // Both paths on the same bf16 batches (several adds: the running rescale included).
+        let (n, rows) = (173usize, 611usize);
+        let x: Vec<bf16> = correlated(11, rows, n, 60)
+            .iter()
+            .map(|&v| bf16::from_f64(v))
+            .collect();
+        let mut fast = HessianAccumulator::new(n).unwrap();
+        let mut slow = HessianAccumulator::new(n).unwrap();
+        slow.bf16_kernel = false;
+        for (r0, r1) in [(0usize, 100usize), (100, 101), (101, 611)] {
+            for acc in [&mut fast, &mut slow] {
+                acc.add_batch(Activations::BF16(&x[r0 * n..r1 * n]), r1 - r0)
+                    .unwrap();
+            }
+        }
+        let (hf, hs) = (fast.hessian(), slow.hessian());
+        assert_symmetric(&hf, n);
+        let e = rel_fro(&as_f64(&hf), &as_f64(&hs));
+        assert!(e < 1e-6, "bf16 kernel vs f32 path: rel err {e}");
     }
 
     #[test]

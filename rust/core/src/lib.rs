@@ -4,6 +4,7 @@
 //! row-major `&[f32]` slice with explicit dimensions. One concern per module:
 //!
 //! - [`hessian`]   streaming `H = (2/n) Σ x xᵀ` accumulation (fp32/fp16/bf16 input, fp32 sums)
+//! - [`syrk_bf16`] the same update from bf16 activations with AVX512-BF16 (`vdpbf16ps`)
 //! - [`linalg`]    dead-column handling, damping and its escalation, the Cholesky factor the
 //!   solver needs
 //! - [`quantizer`] per-row/per-group scales and zero points (min-max, MSE grid search)
@@ -21,5 +22,6 @@ pub mod io;
 pub mod linalg;
 pub mod pack;
 pub mod quantizer;
+pub mod syrk_bf16;
 
 pub use error::{Error, Result};
