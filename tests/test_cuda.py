@@ -337,3 +337,17 @@ def test_offloaded_hessians_solve_on_the_cpu_core() -> None:
     _, gpu_rep = _quantize_tiny("cuda", offload_hessians=True)
     for a, b in zip(cpu_rep, gpu_rep):
         assert a.name == b.name and abs(a.loss - b.loss) <= 1e-2 * abs(a.loss) + 1e-6, a.name
+
+
+@gpu
+def test_bf16_forward_on_the_gpu() -> None:
+    # forward_dtype on the GPU: the bf16 copy of each block runs there, the Hessians come from
+    # bf16 activations on the GPU core, and the float32 model keeps exact dequantized weights
+    model, rep = _quantize_tiny("cuda", forward_dtype="bfloat16")
+    _, ref = _quantize_tiny("cuda")
+    assert len(rep) == 14 and all(r.method == "gptq" and r.samples == 4 * 32 for r in rep)
+    assert sum(r.loss for r in rep) == pytest.approx(sum(r.loss for r in ref), rel=0.05)
+    for r in rep:
+        m = model.get_submodule(r.name)
+        assert m.weight.dtype == torch.float32 and m.weight.is_cuda
+        assert torch.equal(m.weight.cpu(), m.fq_quant.dequantize(torch.float32)), r.name

@@ -30,7 +30,10 @@
 
    Either way each module is solved with ``solver.gptq_quantize``, its dequantized weight written
    back and ``module.fq_quant`` attached; the outputs *after* quantization feed the next block.
-   The block returns to its original device.
+   The block returns to its original device. With the recipe's ``forward_dtype`` (e.g. bf16 on
+   a float32 model) the forwards run on a copy of the block with its parameters in that dtype
+   and the activations are kept in it; hooks sit on the copy's modules (``_Target.live``), the
+   solve reads and writes the model's own weights and mirrors them into the copy.
 4. Targets outside the blocks (only ``lm_head`` named explicitly, in practice) are calibrated
    last with full-model forwards.
 
