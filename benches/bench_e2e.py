@@ -64,8 +64,11 @@ DEFAULTS = {
     "stories260K": {"num_samples": 16, "seq_len": 256, "eval_seq_len": 512, "max_windows": None},
     "smollm2": {"num_samples": 64, "seq_len": 512, "eval_seq_len": 2048, "max_windows": 16},
 }
-# ferroquant-bf16: ferroquant with forward_dtype="bfloat16" (blocks calibrated in bf16)
-METHODS = ["float", "rtn", "ferroquant", "ferroquant-bf16", "llmcompressor"]
+# ferroquant-bf16: ferroquant with forward_dtype="bfloat16" (blocks calibrated in bf16);
+# llmcompressor-bf16: llm-compressor on the model cast to bf16 (its way to a bf16 forward),
+# cast back to float32 for the evaluation
+METHODS = ["float", "rtn", "ferroquant", "ferroquant-bf16", "llmcompressor",
+           "llmcompressor-bf16"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,6 +205,8 @@ def worker(args: argparse.Namespace) -> None:
     model, tok = load(model_name)
     load_s = time.perf_counter() - t0
     calib, eval_ids, _ = inputs(model_name, tok, cfg)
+    if method == "llmcompressor-bf16":  # the cast is part of the model load, not timed
+        model.to(torch.bfloat16)
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     n_layers = 0
@@ -211,9 +216,11 @@ def worker(args: argparse.Namespace) -> None:
         n_layers = run_ferroquant(model, scheme, calib)
     elif method == "ferroquant-bf16":
         n_layers = run_ferroquant(model, scheme, calib, forward_dtype="bfloat16")
-    elif method == "llmcompressor":
+    elif method in ("llmcompressor", "llmcompressor-bf16"):
         n_layers = run_llmcompressor(model, tok, scheme, calib)
     quant_s = time.perf_counter() - t0
+    if method == "llmcompressor-bf16":
+        model.float()
     load_after = os.getloadavg()[0]
 
     from ferroquant.eval import perplexity
@@ -235,7 +242,7 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def python_for(method: str, args: argparse.Namespace) -> str:
-    if method != "llmcompressor":
+    if not method.startswith("llmcompressor"):
         return sys.executable
     cand = args.llmc_python or os.environ.get("FERROQUANT_LLMC_PYTHON") or DEFAULT_LLMC_PYTHON
     return str(cand)
@@ -315,6 +322,9 @@ def table(model_name: str, cfg: dict[str, Any], desc: str,
              ("- ferroquant-bf16: ferroquant with forward_dtype='bfloat16' (the block being "
               "quantized runs as a bf16 copy, activations between blocks in bf16, Hessians "
               "accumulated in fp32; weights quantized from fp32); the model stays fp32"),
+             ("- llmcompressor-bf16: llm-compressor on the model cast to bf16 before the timed "
+              "call (its forward in bf16, its Hessians upcast to fp32; weights quantized from "
+              "their bf16 rounding), cast back to fp32 for the evaluation"),
              "- time: the quantization call only (model load and perplexity excluded)"]
     lines += [f"- note: {n}" for n in args.note or []]
     lines.append("")

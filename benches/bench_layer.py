@@ -105,13 +105,13 @@ def main() -> None:
     w = torch.randn(a.rows, a.cols, generator=g) * 0.02
 
     # --- Hessian: (2/n) X^T X -------------------------------------------------------------
-    def fq_hessian() -> torch.Tensor:
+    def fq_hessian(acts: torch.Tensor) -> torch.Tensor:
         acc = solver.HessianAccumulator(a.cols)
-        acc.add_batch(x)
+        acc.add_batch(acts)
         return acc.hessian()
 
     t_h_torch, h_torch = best_of(a.repeat, lambda: (x.T @ x).mul_(2.0 / a.tokens))
-    t_h_fq, h = best_of(a.repeat, fq_hessian)
+    t_h_fq, h = best_of(a.repeat, lambda: fq_hessian(x))
     h_err = float((h.double() - h_torch.double()).abs().max() / h_torch.double().abs().max())
     print(
         f"hessian: torch {t_h_torch:.3f}s ferroquant {t_h_fq:.3f}s (max rel diff {h_err:.1e})",
@@ -121,14 +121,8 @@ def main() -> None:
     # --- the same from bf16 activations (forward_dtype="bfloat16", bf16 models): ferroquant's
     # AVX512-BF16 kernel where the CPU has it; torch's bf16 GEMM (which rounds H to bf16)
     xb = x.to(torch.bfloat16)
-
-    def fq_hessian_bf16() -> torch.Tensor:
-        acc = solver.HessianAccumulator(a.cols)
-        acc.add_batch(xb)
-        return acc.hessian()
-
     t_hb_torch, _ = best_of(a.repeat, lambda: (xb.T @ xb).mul_(2.0 / a.tokens))
-    t_hb_fq, hb = best_of(a.repeat, fq_hessian_bf16)
+    t_hb_fq, hb = best_of(a.repeat, lambda: fq_hessian(xb))
     xbf = xb.float()
     hb_ref = (xbf.T.double() @ xbf.double()).mul_(2.0 / a.tokens)
     hb_err = float((hb.double() - hb_ref).abs().max() / hb_ref.abs().max())

@@ -21,24 +21,13 @@ from ferroquant import pipeline
 from ferroquant.calibration import from_tensors
 from ferroquant.config import GPTQ
 from ferroquant.pipeline import run_gptq
-
-VOCAB = 96
-IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+from tiny_models import ToyLM, random_ids, tiny_lm
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(arch: str) -> nn.Module:
-    T = transformers
-    common = {"vocab_size": VOCAB, "num_hidden_layers": 2, "max_position_embeddings": 128, **IDS}
-    cfg = {
-        "llama": lambda: T.LlamaConfig(hidden_size=64, intermediate_size=96,
-                                       num_attention_heads=4, num_key_value_heads=2, **common),
-        "gpt2": lambda: T.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB,
-                                     n_positions=128, bos_token_id=1, eos_token_id=2),
-    }[arch]()
-    torch.manual_seed(0)
-    m = T.AutoModelForCausalLM.from_config(cfg).eval()
+    m = tiny_lm(arch)
     with torch.no_grad():  # every parameter a bf16 value, stored in float32
         for p in m.parameters():
             p.copy_(p.to(torch.bfloat16).float())
@@ -46,8 +35,7 @@ def _model(arch: str) -> nn.Module:
 
 
 def _calib(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    return from_tensors(torch.randint(3, VOCAB, (4, 24), generator=g))
+    return from_tensors(random_ids(4, 24, seed))
 
 
 def _quantized(model: nn.Module) -> dict[str, nn.Module]:
@@ -91,7 +79,7 @@ def test_bf16_forward_changes_little_and_leaves_no_copies_behind() -> None:
             p.add_(noise)
             q.add_(noise)
     fp = copy.deepcopy(ref)
-    ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(9))
+    ids = random_ids(2, 24, seed=9)
     ra = run_gptq(ref, GPTQ(group_size=16), _calib(1), show_progress=False)
     rb = run_gptq(m, GPTQ(group_size=16, forward_dtype="bf16"), _calib(1), show_progress=False)
     # layer by layer the proxy losses move by bf16 activation noise; in total by very little
@@ -136,38 +124,9 @@ def test_forward_dtype_rejects_other_types_and_round_trips(tmp_path) -> None:
     assert GPTQ.from_file(path).forward_dtype == "bfloat16"
 
 
-class _Twice(nn.Module):
-    """fc2 runs twice per forward: the batched pass is rolled back mid-block."""
-
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(d, d, bias=False)
-        self.fc2 = nn.Linear(d, d, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + 0.1 * self.fc2(torch.relu(self.fc2(self.fc1(x))))
-
-
-class _Toy(nn.Module):
-    def __init__(self, d: int = 32) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(VOCAB, d)
-        self.stack = nn.ModuleList([_Twice(d), _Twice(d)])
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.emb
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-                ) -> torch.Tensor:
-        x = self.emb(input_ids)
-        for b in self.stack:
-            x = b(x)
-        return x
-
-
 def test_rollback_restores_the_bf16_copy_too(monkeypatch) -> None:
     torch.manual_seed(0)
-    a = _Toy()
+    a = ToyLM()
     b = copy.deepcopy(a)
     float_w = {n: m.weight.detach().to(torch.bfloat16) for n, m in a.named_modules()
                if isinstance(m, nn.Linear)}

@@ -20,32 +20,9 @@ from ferroquant import pipeline
 from ferroquant.calibration import CalibrationSet, from_tensors
 from ferroquant.config import GPTQ
 from ferroquant.pipeline import NonFiniteActivationError, run_gptq
-
-VOCAB = 96
-IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
-
+from tiny_models import ToyLM, random_ids, tiny_lm
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _model(arch: str) -> nn.Module:
-    T = transformers
-    common = {"vocab_size": VOCAB, "num_hidden_layers": 2, "max_position_embeddings": 128, **IDS}
-    cfg = {
-        "llama": lambda: T.LlamaConfig(hidden_size=64, intermediate_size=96,
-                                       num_attention_heads=4, num_key_value_heads=2, **common),
-        "opt": lambda: T.OPTConfig(hidden_size=64, ffn_dim=96, num_attention_heads=4,
-                                   word_embed_proj_dim=64, **common),
-        "gpt2": lambda: T.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB,
-                                     n_positions=128, bos_token_id=1, eos_token_id=2),
-    }[arch]()
-    torch.manual_seed(0)
-    return T.AutoModelForCausalLM.from_config(cfg).eval()
-
-
-def _ids(n: int, seq: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (n, seq), generator=g)
 
 
 def _assert_same(a: nn.Module, ra: list, b: nn.Module, rb: list) -> None:
@@ -70,9 +47,9 @@ def _run_both(model: nn.Module, recipe: GPTQ, calib: CalibrationSet):
 @pytest.mark.parametrize("true_sequential", [True, False])
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
 def test_one_pass_equals_per_sample_path(arch: str, true_sequential: bool) -> None:
-    ids = _ids(5, 24, seed=1)
+    ids = random_ids(5, 24, seed=1)
     recipe = GPTQ(group_size=16, true_sequential=true_sequential)
-    a, ra, b, rb = _run_both(_model(arch), recipe, from_tensors(ids))
+    a, ra, b, rb = _run_both(tiny_lm(arch), recipe, from_tensors(ids))
     assert ra.block_paths == ["batched"] * 2 and rb.block_paths == ["per-sample"] * 2
     _assert_same(a, ra, b, rb)
     # q/k/v (c_attn), o, gate/up (fc1, c_fc), down: execution-order subsets, or one subset
@@ -86,8 +63,8 @@ def test_one_pass_equals_per_sample_path(arch: str, true_sequential: bool) -> No
 
 def test_true_sequential_changes_the_result() -> None:
     # the one-pass trick is true-sequential: without it the Hessians see float upstream layers
-    ids = _ids(4, 24, seed=2)
-    m1 = _model("llama")
+    ids = random_ids(4, 24, seed=2)
+    m1 = tiny_lm("llama")
     m2 = copy.deepcopy(m1)
     r1 = run_gptq(m1, GPTQ(group_size=16), from_tensors(ids), show_progress=False, batched=True)
     r2 = run_gptq(m2, GPTQ(group_size=16, true_sequential=False), from_tensors(ids),
@@ -100,82 +77,51 @@ def test_true_sequential_changes_the_result() -> None:
 
 def test_padding_masks_that_differ_are_stacked() -> None:
     # each sample masks a different tail: per-sample 4-D masks differ and are concatenated
-    ids = _ids(4, 24, seed=3)
+    ids = random_ids(4, 24, seed=3)
     masks = torch.ones_like(ids)
     for s in range(4):
         masks[s, 24 - 2 * (s + 1):] = 0
     calib = CalibrationSet(input_ids=[ids[s:s + 1] for s in range(4)],
                            attention_mask=[masks[s:s + 1] for s in range(4)], seq_len=24,
                            requested_samples=4)
-    a, ra, b, rb = _run_both(_model("llama"), GPTQ(group_size=16), calib)
+    a, ra, b, rb = _run_both(tiny_lm("llama"), GPTQ(group_size=16), calib)
     assert ra.block_paths == ["batched"] * 2
     _assert_same(a, ra, b, rb)
 
 
 def test_different_lengths_fall_back_to_per_sample() -> None:
-    ids = _ids(3, 32, seed=4)
+    ids = random_ids(3, 32, seed=4)
     calib = from_tensors([ids[0:1, :32], ids[1:2, :20], ids[2:3, :27]])
-    a, ra, b, rb = _run_both(_model("llama"), GPTQ(group_size=16), calib)
+    a, ra, b, rb = _run_both(tiny_lm("llama"), GPTQ(group_size=16), calib)
     assert all(p.startswith("per-sample (") and "shapes" in p for p in ra.block_paths)
     _assert_same(a, ra, b, rb)
     assert ra[0].samples == 32 + 20 + 27
     # auto mode does not even try
-    m = _model("llama")
+    m = tiny_lm("llama")
     rep = run_gptq(m, GPTQ(group_size=16), calib, show_progress=False)
     assert rep.block_paths == ["per-sample"] * 2
 
 
-class _Twice(nn.Module):
-    """fc2 runs twice per forward: the one-pass hooks solve it at its first call, so its
-    second input could not count; such a block goes the per-sample way."""
-
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(d, d, bias=False)
-        self.fc2 = nn.Linear(d, d, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + 0.1 * self.fc2(torch.relu(self.fc2(self.fc1(x))))
-
-
-class _Toy(nn.Module):
-    def __init__(self, d: int = 32) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(VOCAB, d)
-        self.stack = nn.ModuleList([_Twice(d), _Twice(d)])
-        self.head = nn.Linear(d, VOCAB)
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.emb
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-                ) -> torch.Tensor:
-        x = self.emb(input_ids)
-        for b in self.stack:
-            x = b(x)
-        return self.head(x)
-
-
 def test_module_called_twice_rolls_back_and_falls_back() -> None:
     torch.manual_seed(0)
-    model = _Toy()
+    model = ToyLM()
     recipe = GPTQ(group_size=16, ignore=["head"])
-    calib = from_tensors(_ids(3, 16, seed=5))
+    calib = from_tensors(random_ids(3, 16, seed=5))
     a, ra, b, rb = _run_both(model, recipe, calib)
     # fc1 was solved in the batched pass before fc2's second call: that was undone
     assert all("runs more than once" in p for p in ra.block_paths)
     _assert_same(a, ra, b, rb)  # the per-sample path's handling, whatever it is
     # not a transformers model: auto mode keeps the per-sample path
-    rep = run_gptq(_Toy(), recipe, calib, show_progress=False)
+    rep = run_gptq(ToyLM(), recipe, calib, show_progress=False)
     assert rep.block_paths == ["per-sample"] * 2
 
 
 def test_auto_mode_respects_memory(monkeypatch) -> None:
-    calib = from_tensors(_ids(3, 16, seed=6))
-    rep = run_gptq(_model("llama"), GPTQ(group_size=16), calib, show_progress=False)
+    calib = from_tensors(random_ids(3, 16, seed=6))
+    rep = run_gptq(tiny_lm("llama"), GPTQ(group_size=16), calib, show_progress=False)
     assert rep.block_paths == ["batched"] * 2
     monkeypatch.setattr(pipeline, "_available_memory", lambda dev: 1 << 16)
-    rep = run_gptq(_model("llama"), GPTQ(group_size=16), calib, show_progress=False)
+    rep = run_gptq(tiny_lm("llama"), GPTQ(group_size=16), calib, show_progress=False)
     assert rep.block_paths == ["per-sample"] * 2
 
 
@@ -184,8 +130,8 @@ def test_chunks_when_all_samples_do_not_fit(monkeypatch) -> None:
     monkeypatch.setattr(pipeline, "_batch_bytes",
                         lambda blocks, hiddens, heads: 1000 * len(hiddens))
     monkeypatch.setattr(pipeline, "_available_memory", lambda dev: 4 * 1000 + 1)
-    ids = _ids(5, 24, seed=7)
-    m = _model("llama")
+    ids = random_ids(5, 24, seed=7)
+    m = tiny_lm("llama")
     ref = copy.deepcopy(m)
     rep = run_gptq(m, GPTQ(group_size=16), from_tensors(ids), show_progress=False)
     assert rep.block_paths == ["chunks of 2"] * 2
@@ -195,7 +141,7 @@ def test_chunks_when_all_samples_do_not_fit(monkeypatch) -> None:
 
 
 def test_nan_activation_names_layer_and_block() -> None:
-    model = _model("llama")
+    model = tiny_lm("llama")
     norm = model.model.layers[1].post_attention_layernorm
 
     def plant(module: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor:
@@ -206,11 +152,11 @@ def test_nan_activation_names_layer_and_block() -> None:
     norm.register_forward_hook(plant)
     with pytest.raises(NonFiniteActivationError,
                        match="'model.layers.1.mlp.gate_proj' \\(block model.layers.1\\)"):
-        run_gptq(model, GPTQ(group_size=16), from_tensors(_ids(3, 16)), show_progress=False,
+        run_gptq(model, GPTQ(group_size=16), from_tensors(random_ids(3, 16)), show_progress=False,
                  batched=True)
 
     # NaN in a block's output (no target after it): the block and the sample are named
-    model = _model("llama")
+    model = tiny_lm("llama")
 
     def plant_out(module: nn.Module, inputs: tuple, out):
         h = out[0] if isinstance(out, tuple) else out
@@ -223,5 +169,5 @@ def test_nan_activation_names_layer_and_block() -> None:
     model.model.layers[0].register_forward_hook(plant_out)
     with pytest.raises(NonFiniteActivationError,
                        match="outputs of block 'model.layers.0' for sample 2"):
-        run_gptq(model, GPTQ(group_size=16), from_tensors(_ids(3, 16)), show_progress=False,
+        run_gptq(model, GPTQ(group_size=16), from_tensors(random_ids(3, 16)), show_progress=False,
                  batched=True)

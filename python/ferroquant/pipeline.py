@@ -227,8 +227,8 @@ def _check_finite(x: torch.Tensor, what: str) -> None:
         n_inf = int(torch.isinf(x).sum())
         raise NonFiniteActivationError(
             f"{what} contain non-finite values ({n_nan} NaN, {n_inf} Inf of {x.numel()}); the "
-            "model overflows in its dtype on this data - try float32/bfloat16 or check the "
-            "weights and calibration text"
+            "model overflows in its dtype on this data - try float32/bfloat16 (the model's dtype "
+            "or the recipe's forward_dtype) or check the weights and calibration text"
         )
 
 
