@@ -101,7 +101,11 @@ fn bench_linalg(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(5));
     for &n in &[1024usize, 4096, 11008] {
         // accumulating a Hessian from tokens costs more than the factor itself at 11008
-        let h = if n > 4096 { lowrank_hessian(n, 7) } else { hessian(n) };
+        let h = if n > 4096 {
+            lowrank_hessian(n, 7)
+        } else {
+            hessian(n)
+        };
         // ~n³/3 flops each.
         g.throughput(Throughput::Elements((n * n * n / 3) as u64));
         g.bench_with_input(BenchmarkId::new("factor_damped", n), &h, |b, h| {
@@ -128,7 +132,9 @@ fn lowrank_hessian(n: usize, seed: u64) -> Vec<f32> {
     let mut rng = StdRng::seed_from_u64(seed);
     let k = 8;
     let u: Vec<f32> = (0..k * n).map(|_| rng.random::<f32>() - 0.5).collect();
-    let s: Vec<f32> = (0..n).map(|_| (3.0 * (rng.random::<f32>() - 0.5)).exp()).collect();
+    let s: Vec<f32> = (0..n)
+        .map(|_| (3.0 * (rng.random::<f32>() - 0.5)).exp())
+        .collect();
     (0..n * n)
         .map(|idx| {
             let (i, j) = (idx / n, idx % n);
@@ -142,25 +148,47 @@ fn bench_gptq(c: &mut Criterion) {
     use ferroquant_core::gptq::{gptq_quantize, GptqOptions};
     use ferroquant_core::quantizer::{Observer, QuantSpec};
     let mut g = c.benchmark_group("gptq");
-    g.sample_size(10).warm_up_time(Duration::from_millis(100)).measurement_time(Duration::from_secs(5));
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(100))
+        .measurement_time(Duration::from_secs(5));
     let opts = |act_order: bool| GptqOptions {
-        spec: QuantSpec { bits: 4, symmetric: false, observer: Observer::MinMax },
+        spec: QuantSpec {
+            bits: 4,
+            symmetric: false,
+            observer: Observer::MinMax,
+        },
         group_size: Some(128),
         act_order,
         static_groups: false,
         block_size: 128,
         damping: DampingPolicy::default(),
     };
-    for &(rows, cols, act_order) in &[(1024usize, 1024usize, false), (4096, 4096, false), (4096, 4096, true), (4096, 11008, false)] {
+    for &(rows, cols, act_order) in &[
+        (1024usize, 1024usize, false),
+        (4096, 4096, false),
+        (4096, 4096, true),
+        (4096, 11008, false),
+    ] {
         let mut rng = StdRng::seed_from_u64(3);
-        let w: Vec<f32> = (0..rows * cols).map(|_| rng.random::<f32>() - 0.5).collect();
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|_| rng.random::<f32>() - 0.5)
+            .collect();
         let h = lowrank_hessian(cols, 5);
         // Lazy-batch updates ~rows*cols² flops + factorisation ~cols³/3.
-        g.throughput(Throughput::Elements((rows * cols * cols + cols * cols * cols / 3) as u64));
+        g.throughput(Throughput::Elements(
+            (rows * cols * cols + cols * cols * cols / 3) as u64,
+        ));
         let name = if act_order { "g128_act_order" } else { "g128" };
-        g.bench_with_input(BenchmarkId::new(name, format!("{rows}x{cols}")), &(w, h), |b, (w, h)| {
-            b.iter(|| gptq_quantize(black_box(w), rows, cols, black_box(h), &opts(act_order)).expect("solve"));
-        });
+        g.bench_with_input(
+            BenchmarkId::new(name, format!("{rows}x{cols}")),
+            &(w, h),
+            |b, (w, h)| {
+                b.iter(|| {
+                    gptq_quantize(black_box(w), rows, cols, black_box(h), &opts(act_order))
+                        .expect("solve")
+                });
+            },
+        );
     }
     g.finish();
 }

@@ -36,7 +36,9 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::linalg::{self, DampingPolicy};
-use crate::quantizer::{dequantize_code, fit_group, minmax_params, quantize_code, GroupParams, Observer, QuantSpec};
+use crate::quantizer::{
+    dequantize_code, fit_group, minmax_params, quantize_code, GroupParams, Observer, QuantSpec,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct GptqOptions {
@@ -80,13 +82,21 @@ pub struct GptqResult {
 }
 
 /// Quantize `weight` (`[rows, cols]`, row-major) with Hessian `hessian` (`[cols, cols]`).
-pub fn gptq_quantize(weight: &[f32], rows: usize, cols: usize, hessian: &[f32], opts: &GptqOptions) -> Result<GptqResult> {
+pub fn gptq_quantize(
+    weight: &[f32],
+    rows: usize,
+    cols: usize,
+    hessian: &[f32],
+    opts: &GptqOptions,
+) -> Result<GptqResult> {
     let grid = match check_common(weight, rows, cols, &opts.spec, opts.group_size)? {
         Grid::Dynamic(g) if opts.static_groups => Grid::Static(g),
         other => other,
     };
     if opts.block_size == 0 {
-        return Err(Error::InvalidArgument("gptq: block_size must be > 0 (default 128)".into()));
+        return Err(Error::InvalidArgument(
+            "gptq: block_size must be > 0 (default 128)".into(),
+        ));
     }
     check_hessian(hessian, cols)?;
     check_finite(weight, cols, "weight")?;
@@ -100,7 +110,11 @@ pub fn gptq_quantize(weight: &[f32], rows: usize, cols: usize, hessian: &[f32], 
         let key: Vec<f32> = (0..cols)
             .map(|i| {
                 let d = hessian[i * cols + i];
-                if d == 0.0 { 1.0 } else { d }
+                if d == 0.0 {
+                    1.0
+                } else {
+                    d
+                }
             })
             .collect();
         let mut order: Vec<usize> = (0..cols).collect();
@@ -121,7 +135,14 @@ pub fn gptq_quantize(weight: &[f32], rows: usize, cols: usize, hessian: &[f32], 
     } else {
         linalg::factor_damped(hessian, cols, opts.damping)?
     };
-    let linalg::Factorization { factor, damp_frac, damp_value, attempts, dead: dead_pos, .. } = fact;
+    let linalg::Factorization {
+        factor,
+        damp_frac,
+        damp_value,
+        attempts,
+        dead: dead_pos,
+        ..
+    } = fact;
     if factor.len() != cols * cols {
         return Err(Error::InvalidArgument(format!(
             "gptq: factorisation returned {} values for a {cols}x{cols} Hessian (internal error)",
@@ -159,11 +180,13 @@ pub fn gptq_quantize(weight: &[f32], rows: usize, cols: usize, hessian: &[f32], 
     // Working matrix W' in processing order, dead columns zeroed. Each column is overwritten
     // by its dequantized value once quantized, so at the end it holds Q.
     let mut wp = vec![0.0f32; rows * cols];
-    wp.par_chunks_mut(cols).zip(weight.par_chunks(cols)).for_each(|(dst, src)| {
-        for (p, x) in dst.iter_mut().enumerate() {
-            *x = if dead_p[p] { 0.0 } else { src[order[p]] };
-        }
-    });
+    wp.par_chunks_mut(cols)
+        .zip(weight.par_chunks(cols))
+        .for_each(|(dst, src)| {
+            for (p, x) in dst.iter_mut().enumerate() {
+                *x = if dead_p[p] { 0.0 } else { src[order[p]] };
+            }
+        });
 
     let mut scales = vec![0.0f32; rows * n_groups];
     let mut zeros = vec![0i32; rows * n_groups];
@@ -171,13 +194,24 @@ pub fn gptq_quantize(weight: &[f32], rows: usize, cols: usize, hessian: &[f32], 
     // (dead-zeroed) contiguous original groups.
     match grid {
         Grid::PerChannel => {
-            wp.par_chunks(cols).zip(scales.par_iter_mut()).zip(zeros.par_iter_mut()).for_each(|((row, s), z)| {
-                let gp = fit_group(row, &opts.spec);
-                *s = gp.scale;
-                *z = gp.zero;
-            });
+            wp.par_chunks(cols)
+                .zip(scales.par_iter_mut())
+                .zip(zeros.par_iter_mut())
+                .for_each(|((row, s), z)| {
+                    let gp = fit_group(row, &opts.spec);
+                    *s = gp.scale;
+                    *z = gp.zero;
+                });
         }
-        Grid::Static(g) => fit_groups_natural(weight, cols, g, Some(&dead_orig), &opts.spec, &mut scales, &mut zeros),
+        Grid::Static(g) => fit_groups_natural(
+            weight,
+            cols,
+            g,
+            Some(&dead_orig),
+            &opts.spec,
+            &mut scales,
+            &mut zeros,
+        ),
         Grid::Dynamic(_) => {}
     }
 
@@ -212,19 +246,37 @@ pub fn gptq_quantize(weight: &[f32], rows: usize, cols: usize, hessian: &[f32], 
             .zip(codes_p.par_chunks_mut(LANES * cols))
             .zip(scales.par_chunks_mut(LANES * n_groups))
             .zip(zeros.par_chunks_mut(LANES * n_groups))
-            .zip(sum_e2.par_chunks_mut(LANES).zip(sum_d2.par_chunks_mut(LANES)))
+            .zip(
+                sum_e2
+                    .par_chunks_mut(LANES)
+                    .zip(sum_d2.par_chunks_mut(LANES)),
+            )
             .enumerate()
             .for_each_init(
                 || TileScratch::new(bs, gmax),
                 |scratch, (t, (((((w, d), c), s), z), (e2, d2)))| {
-                    ctx.solve_tile(t * LANES, &pack, TileBufs { w, d, c, s, z, e2, d2 }, scratch);
+                    ctx.solve_tile(
+                        t * LANES,
+                        &pack,
+                        TileBufs {
+                            w,
+                            d,
+                            c,
+                            s,
+                            z,
+                            e2,
+                            d2,
+                        },
+                        scratch,
+                    );
                 },
             );
         if i2 < cols {
             let count = i2 - i1;
             let rest = cols - i2;
             let lhs = MatRef::from_row_major_slice_with_stride(&dblk[..], rows, count, bs);
-            let rhs = MatRef::from_row_major_slice_with_stride(&v[i1 * cols + i2..], count, rest, cols);
+            let rhs =
+                MatRef::from_row_major_slice_with_stride(&v[i1 * cols + i2..], count, rest, cols);
             let dst = row_major_strided_mut(&mut wp[i2..], rows, rest, cols);
             matmul(dst, Accum::Add, lhs, rhs, 1.0f32, Par::rayon(0));
         }
@@ -244,11 +296,14 @@ pub fn gptq_quantize(weight: &[f32], rows: usize, cols: usize, hessian: &[f32], 
     };
     let (codes, dequantized, perm) = if opts.act_order {
         let mut codes = vec![0u8; rows * cols];
-        codes.par_chunks_mut(cols).zip(codes_p.par_chunks(cols)).for_each(|(dst, src)| {
-            for (&c, &x) in order.iter().zip(src) {
-                dst[c] = x;
-            }
-        });
+        codes
+            .par_chunks_mut(cols)
+            .zip(codes_p.par_chunks(cols))
+            .for_each(|(dst, src)| {
+                for (&c, &x) in order.iter().zip(src) {
+                    dst[c] = x;
+                }
+            });
         drop(codes_p);
         wp.par_chunks_mut(cols).for_each_init(
             || vec![0.0f32; cols],
@@ -283,7 +338,14 @@ pub fn gptq_quantize(weight: &[f32], rows: usize, cols: usize, hessian: &[f32], 
 
 /// Round-to-nearest baseline with the same grids and output shape (no Hessian; loss = NaN
 /// unless a Hessian is given).
-pub fn rtn_quantize(weight: &[f32], rows: usize, cols: usize, hessian: Option<&[f32]>, spec: &QuantSpec, group_size: Option<usize>) -> Result<GptqResult> {
+pub fn rtn_quantize(
+    weight: &[f32],
+    rows: usize,
+    cols: usize,
+    hessian: Option<&[f32]>,
+    spec: &QuantSpec,
+    group_size: Option<usize>,
+) -> Result<GptqResult> {
     let grid = check_common(weight, rows, cols, spec, group_size)?;
     check_finite(weight, cols, "weight")?;
     if let Some(h) = hessian {
@@ -307,7 +369,11 @@ pub fn rtn_quantize(weight: &[f32], rows: usize, cols: usize, hessian: Option<&[
             for (k, (&scale, &zero)) in s.iter().zip(z).enumerate() {
                 let gp = GroupParams { scale, zero };
                 let range = k * g..((k + 1) * g).min(cols);
-                for ((ci, qi), &wi) in c[range.clone()].iter_mut().zip(&mut q[range.clone()]).zip(&w[range]) {
+                for ((ci, qi), &wi) in c[range.clone()]
+                    .iter_mut()
+                    .zip(&mut q[range.clone()])
+                    .zip(&w[range])
+                {
                     *ci = quantize_code(wi, gp, maxq);
                     *qi = dequantize_code(*ci, gp);
                 }
@@ -340,7 +406,13 @@ pub fn rtn_quantize(weight: &[f32], rows: usize, cols: usize, hessian: Option<&[
 
 /// `tr((W - Q) H (W - Q)ᵀ)` computed directly in f64 (rows in chunks, one f64 GEMM each).
 /// For baselines and checks; the solver gets its loss for free from the recurrence.
-pub fn proxy_loss(weight: &[f32], dequantized: &[f32], rows: usize, cols: usize, hessian: &[f32]) -> Result<f64> {
+pub fn proxy_loss(
+    weight: &[f32],
+    dequantized: &[f32],
+    rows: usize,
+    cols: usize,
+    hessian: &[f32],
+) -> Result<f64> {
     let n = rows
         .checked_mul(cols)
         .ok_or_else(|| Error::InvalidArgument(format!("proxy_loss: {rows}x{cols} overflows")))?;
@@ -363,7 +435,14 @@ pub fn proxy_loss(weight: &[f32], dequantized: &[f32], rows: usize, cols: usize,
             weight[k] as f64 - dequantized[k] as f64
         });
         let mut dh = faer::Mat::<f64>::zeros(m, cols);
-        matmul(dh.as_mut(), Accum::Replace, d.as_ref(), h64.as_ref(), 1.0f64, Par::rayon(0));
+        matmul(
+            dh.as_mut(),
+            Accum::Replace,
+            d.as_ref(),
+            h64.as_ref(),
+            1.0f64,
+            Par::rayon(0),
+        );
         for j in 0..cols {
             let (a, b) = (dh.col(j), d.col(j));
             for i in 0..m {
@@ -378,7 +457,12 @@ pub fn proxy_loss(weight: &[f32], dequantized: &[f32], rows: usize, cols: usize,
 /// column-major view because faer 0.24.4's `MatMut::from_row_major_slice_with_stride_mut`
 /// passes the strides swapped (element (i, j) lands at `i + j*row_stride`), which silently
 /// writes the wrong elements and can write out of bounds.
-fn row_major_strided_mut(slice: &mut [f32], nrows: usize, ncols: usize, row_stride: usize) -> MatMut<'_, f32> {
+fn row_major_strided_mut(
+    slice: &mut [f32],
+    nrows: usize,
+    ncols: usize,
+    row_stride: usize,
+) -> MatMut<'_, f32> {
     MatMut::from_column_major_slice_with_stride_mut(slice, ncols, nrows, row_stride).transpose_mut()
 }
 
@@ -430,14 +514,19 @@ fn lanes_axpy<const AVX: bool>(xs: &mut [Lanes], a: &Lanes, v: &[f32]) {
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 unsafe fn lanes_axpy_avx2(xs: &mut [Lanes], a: &Lanes, v: &[f32]) {
-    use std::arch::x86_64::{_mm256_add_ps, _mm256_loadu_ps, _mm256_mul_ps, _mm256_set1_ps, _mm256_storeu_ps};
+    use std::arch::x86_64::{
+        _mm256_add_ps, _mm256_loadu_ps, _mm256_mul_ps, _mm256_set1_ps, _mm256_storeu_ps,
+    };
     const _: () = assert!(LANES == 8);
     // SAFETY: every pointer is to a whole [f32; 8].
     unsafe {
         let av = _mm256_loadu_ps(a.as_ptr());
         for (x, &vv) in xs.iter_mut().zip(v) {
             let p = x.as_mut_ptr();
-            _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), _mm256_mul_ps(av, _mm256_set1_ps(vv))));
+            _mm256_storeu_ps(
+                p,
+                _mm256_add_ps(_mm256_loadu_ps(p), _mm256_mul_ps(av, _mm256_set1_ps(vv))),
+            );
         }
     }
 }
@@ -474,7 +563,13 @@ struct TileScratch {
 
 impl TileScratch {
     fn new(bs: usize, g: usize) -> Self {
-        TileScratch { xs: vec![[0.0; LANES]; bs], ds: vec![[0.0; LANES]; bs], os: vec![[0.0; LANES]; bs], t: vec![[0.0; LANES]; g], vals: vec![0.0; g] }
+        TileScratch {
+            xs: vec![[0.0; LANES]; bs],
+            ds: vec![[0.0; LANES]; bs],
+            os: vec![[0.0; LANES]; bs],
+            t: vec![[0.0; LANES]; g],
+            vals: vec![0.0; g],
+        }
     }
 }
 
@@ -517,7 +612,10 @@ impl SolveCtx<'_> {
             let forced = tests::FORCE_GENERIC.load(std::sync::atomic::Ordering::Relaxed);
             #[cfg(not(test))]
             let forced = false;
-            if !forced && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            if !forced
+                && std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
                 // SAFETY: the CPU supports the features the function is compiled for.
                 return unsafe { self.solve_tile_avx2(r0, pack, b, sc) };
             }
@@ -529,13 +627,25 @@ impl SolveCtx<'_> {
     /// `round_ties_even` would be a libm call and the lanes half as wide).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn solve_tile_avx2(&self, r0: usize, pack: &BatchPack, b: TileBufs<'_>, sc: &mut TileScratch) {
+    unsafe fn solve_tile_avx2(
+        &self,
+        r0: usize,
+        pack: &BatchPack,
+        b: TileBufs<'_>,
+        sc: &mut TileScratch,
+    ) {
         self.solve_tile_generic::<true>(r0, pack, b, sc)
     }
 
     /// `AVX`: the caller is compiled for AVX2 and the lane updates may use its intrinsics.
     #[inline(always)]
-    fn solve_tile_generic<const AVX: bool>(&self, r0: usize, pack: &BatchPack, b: TileBufs<'_>, sc: &mut TileScratch) {
+    fn solve_tile_generic<const AVX: bool>(
+        &self,
+        r0: usize,
+        pack: &BatchPack,
+        b: TileBufs<'_>,
+        sc: &mut TileScratch,
+    ) {
         let cols = self.cols;
         let nr = b.e2.len();
         let ng = b.s.len() / nr;
@@ -560,7 +670,12 @@ impl SolveCtx<'_> {
         let mut cur_k = usize::MAX;
         // Grid k of every row of the tile into the lanes.
         fn load(s: &[f32], z: &[i32], ng: usize, k: usize, scale: &mut Lanes, zero: &mut Lanes) {
-            for (l, (sc, zr)) in scale.iter_mut().zip(zero.iter_mut()).enumerate().take(s.len() / ng) {
+            for (l, (sc, zr)) in scale
+                .iter_mut()
+                .zip(zero.iter_mut())
+                .enumerate()
+                .take(s.len() / ng)
+            {
                 *sc = s[l * ng + k];
                 *zr = z[l * ng + k] as f32;
             }
@@ -587,9 +702,22 @@ impl SolveCtx<'_> {
                 Grid::Dynamic(g) => {
                     let k = p / g;
                     if p % g == 0 {
-                        let gpk = next_group.next().expect("a group pack for every group start in the batch");
+                        let gpk = next_group
+                            .next()
+                            .expect("a group pack for every group start in the batch");
                         debug_assert_eq!(gpk.p, p);
-                        let params = self.fit_tile_group::<AVX>(r0, nr, gpk, pack, xs, os, &sc.ds[..count], &b, &mut sc.t, &mut sc.vals);
+                        let params = self.fit_tile_group::<AVX>(
+                            r0,
+                            nr,
+                            gpk,
+                            pack,
+                            xs,
+                            os,
+                            &sc.ds[..count],
+                            &b,
+                            &mut sc.t,
+                            &mut sc.vals,
+                        );
                         for (l, gp) in params.iter().enumerate().take(nr) {
                             b.s[l * ng + k] = gp.scale;
                             b.z[l * ng + k] = gp.zero;
@@ -650,7 +778,19 @@ impl SolveCtx<'_> {
     /// so a forward substitution of `g²/2` per row recovers it.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    fn fit_tile_group<const AVX: bool>(&self, r0: usize, nr: usize, gp: &GroupPack, pack: &BatchPack, xs: &[Lanes], os: &[Lanes], ds: &[Lanes], b: &TileBufs<'_>, t: &mut [Lanes], vals: &mut [f32]) -> [GroupParams; LANES] {
+    fn fit_tile_group<const AVX: bool>(
+        &self,
+        r0: usize,
+        nr: usize,
+        gp: &GroupPack,
+        pack: &BatchPack,
+        xs: &[Lanes],
+        os: &[Lanes],
+        ds: &[Lanes],
+        b: &TileBufs<'_>,
+        t: &mut [Lanes],
+        vals: &mut [f32],
+    ) -> [GroupParams; LANES] {
         let cols = self.cols;
         let (i1, i2) = (pack.i1, pack.i2);
         let (p, end) = (gp.p, gp.end);
@@ -671,7 +811,13 @@ impl SolveCtx<'_> {
                 lanes_axpy::<AVX>(&mut t[i2 - p..], dk, vrow);
             }
         }
-        let orig = |c: usize| if c < i2 { os[c - i1] } else { self.orig(r0, nr, c) };
+        let orig = |c: usize| {
+            if c < i2 {
+                os[c - i1]
+            } else {
+                self.orig(r0, nr, c)
+            }
+        };
         for (a, x) in t.iter_mut().enumerate() {
             let o = orig(p + a);
             for l in 0..LANES {
@@ -694,7 +840,10 @@ impl SolveCtx<'_> {
                 x[l] += o[l];
             }
         }
-        let mut out = [GroupParams { scale: 1.0, zero: 0 }; LANES];
+        let mut out = [GroupParams {
+            scale: 1.0,
+            zero: 0,
+        }; LANES];
         match self.spec.observer {
             Observer::MinMax => {
                 let (mut lo, mut hi) = ([0.0f32; LANES], [0.0f32; LANES]);
@@ -763,15 +912,33 @@ impl BatchPack {
                         rect.extend_from_slice(&v[kk * cols + i2..kk * cols + end]);
                     }
                 }
-                groups.push(GroupPack { p, end, rect, tri: upper(p, end) });
+                groups.push(GroupPack {
+                    p,
+                    end,
+                    rect,
+                    tri: upper(p, end),
+                });
             }
         }
-        BatchPack { i1, i2, tri: upper(i1, i2), groups }
+        BatchPack {
+            i1,
+            i2,
+            tri: upper(i1, i2),
+            groups,
+        }
     }
 }
 
 /// Fit grids per contiguous group of `g` original columns (optionally dead-zeroed).
-fn fit_groups_natural(weight: &[f32], cols: usize, g: usize, dead: Option<&[bool]>, spec: &QuantSpec, scales: &mut [f32], zeros: &mut [i32]) {
+fn fit_groups_natural(
+    weight: &[f32],
+    cols: usize,
+    g: usize,
+    dead: Option<&[bool]>,
+    spec: &QuantSpec,
+    scales: &mut [f32],
+    zeros: &mut [i32],
+) {
     let n_groups = cols.div_ceil(g);
     let has_dead = dead.is_some_and(|d| d.iter().any(|&x| x));
     scales
@@ -786,7 +953,11 @@ fn fit_groups_natural(weight: &[f32], cols: usize, g: usize, dead: Option<&[bool
                     let gp = match dead {
                         Some(dead) if has_dead => {
                             let vals = &mut tmp[..range.len()];
-                            for ((x, &w), &dd) in vals.iter_mut().zip(&row[range.clone()]).zip(&dead[range.clone()]) {
+                            for ((x, &w), &dd) in vals
+                                .iter_mut()
+                                .zip(&row[range.clone()])
+                                .zip(&dead[range.clone()])
+                            {
                                 *x = if dd { 0.0 } else { w };
                             }
                             fit_group(vals, spec)
@@ -800,16 +971,22 @@ fn fit_groups_natural(weight: &[f32], cols: usize, g: usize, dead: Option<&[bool
         );
 }
 
-fn check_common(weight: &[f32], rows: usize, cols: usize, spec: &QuantSpec, group_size: Option<usize>) -> Result<Grid> {
+fn check_common(
+    weight: &[f32],
+    rows: usize,
+    cols: usize,
+    spec: &QuantSpec,
+    group_size: Option<usize>,
+) -> Result<Grid> {
     spec.validate()?;
     if rows == 0 || cols == 0 {
         return Err(Error::InvalidArgument(format!(
             "gptq: weight must have at least one row and one column, got {rows}x{cols}"
         )));
     }
-    let n = rows
-        .checked_mul(cols)
-        .ok_or_else(|| Error::InvalidArgument(format!("gptq: weight shape {rows}x{cols} overflows")))?;
+    let n = rows.checked_mul(cols).ok_or_else(|| {
+        Error::InvalidArgument(format!("gptq: weight shape {rows}x{cols} overflows"))
+    })?;
     if weight.len() != n {
         return Err(Error::InvalidArgument(format!(
             "gptq: weight has {} values, expected rows*cols = {rows}*{cols} = {n}",
@@ -842,7 +1019,11 @@ fn check_finite(data: &[f32], ncols: usize, what: &str) -> Result<()> {
         .par_chunks(CHUNK)
         .position_first(|c| c.iter().fold(false, |acc, v| acc | !v.is_finite()));
     if let Some(k) = bad_chunk {
-        let i = k * CHUNK + data[k * CHUNK..].iter().position(|v| !v.is_finite()).unwrap_or(0);
+        let i = k * CHUNK
+            + data[k * CHUNK..]
+                .iter()
+                .position(|v| !v.is_finite())
+                .unwrap_or(0);
         let kind = if data[i].is_nan() { "NaN" } else { "Inf" };
         return Err(Error::NonFinite(format!(
             "gptq: {what} contains {kind} at row {}, column {}; fix the {what} before quantizing",
@@ -873,30 +1054,56 @@ mod tests {
     /// activations `X = Z A + mu` (`A` Gaussian with log-normal column scales and a nonzero
     /// mean, so features are strongly correlated and diag(H) spreads). Columns in `dead` get
     /// no signal. `tokens < cols` gives a rank-deficient H.
-    fn problem(rows: usize, cols: usize, tokens: usize, seed: u64, dead: &[usize]) -> (Vec<f32>, Vec<f32>) {
+    fn problem(
+        rows: usize,
+        cols: usize,
+        tokens: usize,
+        seed: u64,
+        dead: &[usize],
+    ) -> (Vec<f32>, Vec<f32>) {
         let mut rng = StdRng::seed_from_u64(seed);
         let w: Vec<f32> = (0..rows * cols)
             .map(|_| {
                 let v = normal(&mut rng) * 0.05;
-                (if rng.random::<f64>() < 0.005 { 8.0 * v } else { v }) as f32
+                (if rng.random::<f64>() < 0.005 {
+                    8.0 * v
+                } else {
+                    v
+                }) as f32
             })
             .collect();
         let row_scale: Vec<f64> = (0..rows).map(|_| (0.4 * normal(&mut rng)).exp()).collect();
-        let w: Vec<f32> = w.iter().enumerate().map(|(k, &v)| v * row_scale[k / cols] as f32).collect();
+        let w: Vec<f32> = w
+            .iter()
+            .enumerate()
+            .map(|(k, &v)| v * row_scale[k / cols] as f32)
+            .collect();
         let k = cols;
         let col_scale: Vec<f64> = (0..cols).map(|_| (0.7 * normal(&mut rng)).exp()).collect();
-        let a = faer::Mat::<f64>::from_fn(k, cols, |_, _| 0.0).as_ref().map(|_: &f64| normal(&mut rng));
+        let a = faer::Mat::<f64>::from_fn(k, cols, |_, _| 0.0)
+            .as_ref()
+            .map(|_: &f64| normal(&mut rng));
         let a = faer::Mat::<f64>::from_fn(k, cols, |i, j| a[(i, j)] * col_scale[j]);
-        let z = faer::Mat::<f64>::from_fn(tokens, k, |_, _| 0.0).as_ref().map(|_: &f64| normal(&mut rng));
+        let z = faer::Mat::<f64>::from_fn(tokens, k, |_, _| 0.0)
+            .as_ref()
+            .map(|_: &f64| normal(&mut rng));
         let mut x = &z * &a;
-        let mu: Vec<f64> = (0..cols).map(|j| 0.5 * col_scale[j] * normal(&mut rng)).collect();
+        let mu: Vec<f64> = (0..cols)
+            .map(|j| 0.5 * col_scale[j] * normal(&mut rng))
+            .collect();
         for t in 0..tokens {
             for j in 0..cols {
-                x[(t, j)] = if dead.contains(&j) { 0.0 } else { x[(t, j)] + mu[j] * 3.0 };
+                x[(t, j)] = if dead.contains(&j) {
+                    0.0
+                } else {
+                    x[(t, j)] + mu[j] * 3.0
+                };
             }
         }
         let h = x.transpose() * &x;
-        let h: Vec<f32> = (0..cols * cols).map(|idx| (2.0 / tokens as f64 * h[(idx / cols, idx % cols)]) as f32).collect();
+        let h: Vec<f32> = (0..cols * cols)
+            .map(|idx| (2.0 / tokens as f64 * h[(idx / cols, idx % cols)]) as f32)
+            .collect();
         (w, h)
     }
 
@@ -958,7 +1165,9 @@ mod tests {
         let mut perm: Vec<usize> = (0..n).collect();
         if act_order {
             perm.sort_by(|&a, &b| h[b * n + b].total_cmp(&h[a * n + a]));
-            let hp: Vec<f64> = (0..n * n).map(|k| h[perm[k / n] * n + perm[k % n]]).collect();
+            let hp: Vec<f64> = (0..n * n)
+                .map(|k| h[perm[k / n] * n + perm[k % n]])
+                .collect();
             h = hp;
         }
         let damp = percdamp * (0..n).map(|i| h[i * n + i]).sum::<f64>() / n as f64;
@@ -1000,12 +1209,22 @@ mod tests {
     }
 
     /// Returns (dequantized Q in original order, loss tr((W-Q) H (W-Q)ᵀ) with dead-zeroed W).
-    fn ref_gptq(w: &[f32], rows: usize, n: usize, h: &[f32], cfg: Cfg, blocksize: usize, prep: &(Vec<usize>, Vec<f64>)) -> (Vec<f64>, f64) {
+    fn ref_gptq(
+        w: &[f32],
+        rows: usize,
+        n: usize,
+        h: &[f32],
+        cfg: Cfg,
+        blocksize: usize,
+        prep: &(Vec<usize>, Vec<f64>),
+    ) -> (Vec<f64>, f64) {
         let (perm, u) = prep;
         let maxq = ((1u32 << cfg.bits) - 1) as f64;
         let mut w0: Vec<f64> = w.iter().map(|&v| v as f64).collect();
         // Per-channel grid is fitted before dead columns are zeroed, as the reference does.
-        let mut params: Vec<(f64, f64)> = (0..rows).map(|r| ref_find_params(&w0[r * n..(r + 1) * n], cfg.bits, cfg.sym, cfg.mse)).collect();
+        let mut params: Vec<(f64, f64)> = (0..rows)
+            .map(|r| ref_find_params(&w0[r * n..(r + 1) * n], cfg.bits, cfg.sym, cfg.mse))
+            .collect();
         let dead: Vec<bool> = (0..n).map(|i| h[i * n + i] == 0.0).collect();
         for r in 0..rows {
             for c in 0..n {
@@ -1018,15 +1237,25 @@ mod tests {
         if let (Some(g), true) = (cfg.group, cfg.static_groups) {
             for i in (0..n).step_by(g) {
                 let e = (i + g).min(n);
-                groups.push((0..rows).map(|r| ref_find_params(&w0[r * n + i..r * n + e], cfg.bits, cfg.sym, cfg.mse)).collect());
+                groups.push(
+                    (0..rows)
+                        .map(|r| {
+                            ref_find_params(&w0[r * n + i..r * n + e], cfg.bits, cfg.sym, cfg.mse)
+                        })
+                        .collect(),
+                );
             }
         }
-        let mut wm: Vec<f64> = (0..rows * n).map(|k| w0[(k / n) * n + perm[k % n]]).collect();
+        let mut wm: Vec<f64> = (0..rows * n)
+            .map(|k| w0[(k / n) * n + perm[k % n]])
+            .collect();
         let mut q = vec![0.0; rows * n];
         for i1 in (0..n).step_by(blocksize) {
             let i2 = (i1 + blocksize).min(n);
             let count = i2 - i1;
-            let mut w1: Vec<f64> = (0..rows * count).map(|k| wm[(k / count) * n + i1 + k % count]).collect();
+            let mut w1: Vec<f64> = (0..rows * count)
+                .map(|k| wm[(k / count) * n + i1 + k % count])
+                .collect();
             let mut err1 = vec![0.0; rows * count];
             for i in 0..count {
                 let col = i1 + i;
@@ -1034,8 +1263,17 @@ mod tests {
                     if !cfg.static_groups {
                         if col % g == 0 {
                             let e = (col + g).min(n);
-                            params = (0..rows).map(|r| ref_find_params(&wm[r * n + col..r * n + e], cfg.bits, cfg.sym, cfg.mse)).collect();
-                                        }
+                            params = (0..rows)
+                                .map(|r| {
+                                    ref_find_params(
+                                        &wm[r * n + col..r * n + e],
+                                        cfg.bits,
+                                        cfg.sym,
+                                        cfg.mse,
+                                    )
+                                })
+                                .collect();
+                        }
                     } else {
                         params = groups[perm[col] / g].clone();
                     }
@@ -1092,7 +1330,11 @@ mod tests {
             spec: QuantSpec {
                 bits: cfg.bits,
                 symmetric: cfg.sym,
-                observer: if cfg.mse { Observer::mse_default() } else { Observer::MinMax },
+                observer: if cfg.mse {
+                    Observer::mse_default()
+                } else {
+                    Observer::MinMax
+                },
             },
             group_size: cfg.group,
             act_order: cfg.act_order,
@@ -1116,8 +1358,14 @@ mod tests {
         assert_eq!(res.scales.len(), rows * ng);
         assert_eq!(res.zeros.len(), rows * ng);
         assert_eq!(res.g_idx.len(), cols);
-        assert!(res.codes.iter().all(|&c| c as u32 <= maxq), "code out of range");
-        assert!(res.zeros.iter().all(|&z| z >= 0 && z as u32 <= maxq), "zero out of range");
+        assert!(
+            res.codes.iter().all(|&c| c as u32 <= maxq),
+            "code out of range"
+        );
+        assert!(
+            res.zeros.iter().all(|&z| z >= 0 && z as u32 <= maxq),
+            "zero out of range"
+        );
         assert!(res.scales.iter().all(|&s| s.is_finite() && s > 0.0));
         for r in 0..rows {
             for c in 0..cols {
@@ -1127,7 +1375,15 @@ mod tests {
             }
         }
         // g_idx and perm.
-        let diag: Vec<f32> = (0..cols).map(|i| if h[i * cols + i] == 0.0 { 1.0 } else { h[i * cols + i] }).collect();
+        let diag: Vec<f32> = (0..cols)
+            .map(|i| {
+                if h[i * cols + i] == 0.0 {
+                    1.0
+                } else {
+                    h[i * cols + i]
+                }
+            })
+            .collect();
         match (&res.perm, cfg.act_order) {
             (Some(perm), true) => {
                 let mut seen = vec![false; cols];
@@ -1135,7 +1391,10 @@ mod tests {
                 assert!(seen.iter().all(|&s| s), "perm is not a permutation");
                 for p in 1..cols {
                     let (a, b) = (perm[p - 1], perm[p]);
-                    assert!(diag[a] > diag[b] || (diag[a] == diag[b] && a < b), "perm not stable-descending at {p}");
+                    assert!(
+                        diag[a] > diag[b] || (diag[a] == diag[b] && a < b),
+                        "perm not stable-descending at {p}"
+                    );
                 }
                 for (p, &c) in perm.iter().enumerate() {
                     let expect = match (cfg.group, cfg.static_groups) {
@@ -1143,7 +1402,10 @@ mod tests {
                         (Some(g), true) => c / g,
                         (Some(g), false) => p / g,
                     };
-                    assert_eq!(res.g_idx[c] as usize, expect, "g_idx at original column {c}");
+                    assert_eq!(
+                        res.g_idx[c] as usize, expect,
+                        "g_idx at original column {c}"
+                    );
                 }
             }
             (None, false) => {
@@ -1176,15 +1438,27 @@ mod tests {
         let mut worst: f64 = 0.0;
         for &(rows, cols, seed) in &[(45usize, 172usize, 1u64), (27, 576, 2)] {
             let (w, h) = problem(rows, cols, 2 * cols, seed, &[]);
-            let preps = [ref_prepare(&h, cols, false, 0.01), ref_prepare(&h, cols, true, 0.01)];
+            let preps = [
+                ref_prepare(&h, cols, false, 0.01),
+                ref_prepare(&h, cols, true, 0.01),
+            ];
             for &group in &[None, Some(32), Some(64), Some(128), Some(50)] {
-                for &(act_order, static_groups) in &[(false, false), (true, false), (true, true), (false, true)] {
+                for &(act_order, static_groups) in
+                    &[(false, false), (true, false), (true, true), (false, true)]
+                {
                     if group.is_none() && static_groups {
                         continue;
                     }
                     let (bits, sym, mse) = bit_cfgs[idx % bit_cfgs.len()];
                     idx += 1;
-                    let cfg = Cfg { bits, sym, mse, group, act_order, static_groups };
+                    let cfg = Cfg {
+                        bits,
+                        sym,
+                        mse,
+                        group,
+                        act_order,
+                        static_groups,
+                    };
                     let res = gptq_quantize(&w, rows, cols, &h, &opts(cfg, 128)).expect("solve");
                     check_structure(&res, &h, cfg);
                     // The reference fits a group's grid on its lazily-updated `W`, which lags by the
@@ -1197,13 +1471,22 @@ mod tests {
                     };
                     let prep = &preps[act_order as usize];
                     let (ref_q, ref_loss) = ref_gptq(&w, rows, cols, &h, cfg, ref_bs, prep);
-                    let agree = ref_q.iter().zip(&res.dequantized).filter(|(a, b)| (**a - **b as f64).abs() <= 1e-5 * a.abs().max(1e-2)).count();
+                    let agree = ref_q
+                        .iter()
+                        .zip(&res.dequantized)
+                        .filter(|(a, b)| (**a - **b as f64).abs() <= 1e-5 * a.abs().max(1e-2))
+                        .count();
                     let agree = agree as f64 / ref_q.len() as f64;
                     // f32 vs f64 may flip a rounding tie (at 8 bits a zero point can move a whole
                     // group row); everything else is bit-for-bit the reference grid.
-                    assert!(agree > 0.95, "{cfg:?}: only {:.2}% of dequantized weights agree with the reference", 100.0 * agree);
+                    assert!(
+                        agree > 0.95,
+                        "{cfg:?}: only {:.2}% of dequantized weights agree with the reference",
+                        100.0 * agree
+                    );
                     let direct = proxy_loss(&w, &res.dequantized, rows, cols, &h).expect("loss");
-                    let rtn = rtn_quantize(&w, rows, cols, Some(&h), &opts(cfg, 128).spec, group).expect("rtn");
+                    let rtn = rtn_quantize(&w, rows, cols, Some(&h), &opts(cfg, 128).spec, group)
+                        .expect("rtn");
                     let r = res.loss / ref_loss - 1.0;
                     worst = worst.max(r.abs());
                     eprintln!(
@@ -1213,24 +1496,52 @@ mod tests {
                         100.0 * agree,
                         rtn.loss
                     );
-                    assert!(r.abs() <= 0.01, "{cfg:?}: loss {} vs reference {ref_loss}", res.loss);
-                    assert!(rel(res.loss, direct) < 1e-3, "{cfg:?}: reported loss {} vs direct trace {direct}", res.loss);
-                    assert!(res.loss < rtn.loss, "{cfg:?}: GPTQ {} not below RTN {}", res.loss, rtn.loss);
+                    assert!(
+                        r.abs() <= 0.01,
+                        "{cfg:?}: loss {} vs reference {ref_loss}",
+                        res.loss
+                    );
+                    assert!(
+                        rel(res.loss, direct) < 1e-3,
+                        "{cfg:?}: reported loss {} vs direct trace {direct}",
+                        res.loss
+                    );
+                    assert!(
+                        res.loss < rtn.loss,
+                        "{cfg:?}: GPTQ {} not below RTN {}",
+                        res.loss,
+                        rtn.loss
+                    );
                     assert_eq!(res.damp_frac, 0.01);
                     assert_eq!(res.damp_attempts, vec![0.01]);
                     assert!(res.dead.is_empty());
                 }
             }
         }
-        eprintln!("worst relative loss difference vs reference: {:.3}%", 100.0 * worst);
+        eprintln!(
+            "worst relative loss difference vs reference: {:.3}%",
+            100.0 * worst
+        );
     }
 
     #[test]
     fn portable_and_avx2_paths_agree_bitwise() {
         let (rows, cols) = (21usize, 200usize); // 21 rows: a partial tile of 5
         let (w, h) = problem(rows, cols, 2 * cols, 8, &[3]);
-        for &(group, act, st, mse) in &[(Some(32), true, false, false), (Some(50), false, false, true), (None, true, false, false), (Some(64), true, true, false)] {
-            let cfg = Cfg { bits: 3, sym: false, mse, group, act_order: act, static_groups: st };
+        for &(group, act, st, mse) in &[
+            (Some(32), true, false, false),
+            (Some(50), false, false, true),
+            (None, true, false, false),
+            (Some(64), true, true, false),
+        ] {
+            let cfg = Cfg {
+                bits: 3,
+                sym: false,
+                mse,
+                group,
+                act_order: act,
+                static_groups: st,
+            };
             let fast = gptq_quantize(&w, rows, cols, &h, &opts(cfg, 64)).expect("solve");
             FORCE_GENERIC.store(true, Ordering::Relaxed);
             let portable = gptq_quantize(&w, rows, cols, &h, &opts(cfg, 64));
@@ -1245,22 +1556,50 @@ mod tests {
     }
 
     fn cfg4(group: Option<usize>, act_order: bool, static_groups: bool) -> Cfg {
-        Cfg { bits: 4, sym: false, mse: false, group, act_order, static_groups }
+        Cfg {
+            bits: 4,
+            sym: false,
+            mse: false,
+            group,
+            act_order,
+            static_groups,
+        }
     }
 
     #[test]
     fn block_size_does_not_change_the_result() {
         let (rows, cols) = (40usize, 300usize);
         let (w, h) = problem(rows, cols, 2 * cols, 3, &[7, 200]);
-        for &(group, act, st) in &[(None, true, false), (Some(32), false, false), (Some(32), true, false), (Some(50), true, false), (Some(128), true, false), (Some(64), true, true)] {
+        for &(group, act, st) in &[
+            (None, true, false),
+            (Some(32), false, false),
+            (Some(32), true, false),
+            (Some(50), true, false),
+            (Some(128), true, false),
+            (Some(64), true, true),
+        ] {
             let cfg = cfg4(group, act, st);
             let base = gptq_quantize(&w, rows, cols, &h, &opts(cfg, 128)).expect("solve");
             for &bs in &[32usize, 7, 1000] {
                 let other = gptq_quantize(&w, rows, cols, &h, &opts(cfg, bs)).expect("solve");
-                let same = base.codes.iter().zip(&other.codes).filter(|(a, b)| a == b).count();
+                let same = base
+                    .codes
+                    .iter()
+                    .zip(&other.codes)
+                    .filter(|(a, b)| a == b)
+                    .count();
                 let frac = same as f64 / base.codes.len() as f64;
-                assert!(frac > 0.999, "{cfg:?} block {bs}: only {:.3}% of codes equal to block 128", 100.0 * frac);
-                assert!(rel(other.loss, base.loss) < 1e-3, "{cfg:?} block {bs}: loss {} vs {}", other.loss, base.loss);
+                assert!(
+                    frac > 0.999,
+                    "{cfg:?} block {bs}: only {:.3}% of codes equal to block 128",
+                    100.0 * frac
+                );
+                assert!(
+                    rel(other.loss, base.loss) < 1e-3,
+                    "{cfg:?} block {bs}: loss {} vs {}",
+                    other.loss,
+                    base.loss
+                );
                 assert_eq!(other.g_idx, base.g_idx);
                 assert_eq!(other.perm, base.perm);
             }
@@ -1272,14 +1611,23 @@ mod tests {
         let (rows, cols) = (32usize, 172usize);
         let dead = [0usize, 5, 100, 171];
         let (w, h) = problem(rows, cols, 2 * cols, 4, &dead);
-        for &(group, act, st) in &[(None, false, false), (Some(32), true, false), (Some(64), true, true), (Some(50), false, false)] {
+        for &(group, act, st) in &[
+            (None, false, false),
+            (Some(32), true, false),
+            (Some(64), true, true),
+            (Some(50), false, false),
+        ] {
             let cfg = cfg4(group, act, st);
             let res = gptq_quantize(&w, rows, cols, &h, &opts(cfg, 128)).expect("solve");
             check_structure(&res, &h, cfg);
             assert_eq!(res.dead, dead.to_vec(), "{cfg:?}");
             for r in 0..rows {
                 for &c in &dead {
-                    assert_eq!(res.dequantized[r * cols + c], 0.0, "{cfg:?}: dead column {c} not zero");
+                    assert_eq!(
+                        res.dequantized[r * cols + c],
+                        0.0,
+                        "{cfg:?}: dead column {c} not zero"
+                    );
                 }
             }
             // Our grids are fitted on the dead-zeroed weight (the reference fits per-channel grids
@@ -1291,10 +1639,21 @@ mod tests {
             };
             let (_, ref_loss) = ref_gptq(&w, rows, cols, &h, cfg, ref_bs, &prep);
             let direct = proxy_loss(&w, &res.dequantized, rows, cols, &h).expect("loss");
-            eprintln!("dead {cfg:?}: ours {} ref {ref_loss} direct {direct}", res.loss);
-            assert!(res.loss <= ref_loss * 1.01, "{cfg:?}: {} vs reference {ref_loss}", res.loss);
+            eprintln!(
+                "dead {cfg:?}: ours {} ref {ref_loss} direct {direct}",
+                res.loss
+            );
+            assert!(
+                res.loss <= ref_loss * 1.01,
+                "{cfg:?}: {} vs reference {ref_loss}",
+                res.loss
+            );
             if group.is_some() {
-                assert!(rel(res.loss, ref_loss) < 0.01, "{cfg:?}: {} vs reference {ref_loss}", res.loss);
+                assert!(
+                    rel(res.loss, ref_loss) < 0.01,
+                    "{cfg:?}: {} vs reference {ref_loss}",
+                    res.loss
+                );
             }
             assert!(rel(res.loss, direct) < 1e-3);
         }
@@ -1309,9 +1668,18 @@ mod tests {
         let res = gptq_quantize(&w, rows, cols, &h, &opts(cfg, 128)).expect("rank-deficient H");
         check_structure(&res, &h, cfg);
         assert_eq!(res.damp_attempts, vec![0.01]);
-        let rtn = rtn_quantize(&w, rows, cols, Some(&h), &opts(cfg, 128).spec, Some(32)).expect("rtn");
+        let rtn =
+            rtn_quantize(&w, rows, cols, Some(&h), &opts(cfg, 128).spec, Some(32)).expect("rtn");
         assert!(res.loss < rtn.loss);
-        let (_, ref_loss) = ref_gptq(&w, rows, cols, &h, cfg, 32, &ref_prepare(&h, cols, true, 0.01));
+        let (_, ref_loss) = ref_gptq(
+            &w,
+            rows,
+            cols,
+            &h,
+            cfg,
+            32,
+            &ref_prepare(&h, cols, true, 0.01),
+        );
         assert!(rel(res.loss, ref_loss) < 0.01, "{} vs {ref_loss}", res.loss);
 
         // Indefinite: subtract 5% of mean(diag) -> 1%, 2%, 4% fail; 8% succeeds and is reported.
@@ -1349,20 +1717,44 @@ mod tests {
         assert!(msg(gptq_quantize(&w, rows, cols, &h[1..], &o)).contains("hessian has 63 values"));
         assert!(msg(gptq_quantize(&[], 0, cols, &h, &o)).contains("at least one row"));
         assert!(msg(gptq_quantize(&[], rows, 0, &[], &o)).contains("at least one row"));
-        assert!(msg(gptq_quantize(&w, rows, cols, &h, &GptqOptions { block_size: 0, ..o })).contains("block_size"));
-        assert!(msg(gptq_quantize(&w, rows, cols, &h, &GptqOptions { group_size: Some(0), ..o })).contains("group_size"));
-        let bad_bits = GptqOptions { spec: QuantSpec { bits: 5, ..o.spec }, ..o };
+        assert!(msg(gptq_quantize(
+            &w,
+            rows,
+            cols,
+            &h,
+            &GptqOptions { block_size: 0, ..o }
+        ))
+        .contains("block_size"));
+        assert!(msg(gptq_quantize(
+            &w,
+            rows,
+            cols,
+            &h,
+            &GptqOptions {
+                group_size: Some(0),
+                ..o
+            }
+        ))
+        .contains("group_size"));
+        let bad_bits = GptqOptions {
+            spec: QuantSpec { bits: 5, ..o.spec },
+            ..o
+        };
         assert!(msg(gptq_quantize(&w, rows, cols, &h, &bad_bits)).contains("bits"));
         let mut wn = w.clone();
         wn[2 * cols + 3] = f32::NAN;
         match gptq_quantize(&wn, rows, cols, &h, &o) {
-            Err(Error::NonFinite(m)) => assert!(m.contains("weight contains NaN at row 2, column 3"), "{m}"),
+            Err(Error::NonFinite(m)) => {
+                assert!(m.contains("weight contains NaN at row 2, column 3"), "{m}")
+            }
             other => panic!("expected NonFinite, got {other:?}"),
         }
         let mut hn = h.clone();
         hn[cols + 2] = f32::INFINITY;
         match gptq_quantize(&w, rows, cols, &hn, &o) {
-            Err(Error::NonFinite(m)) => assert!(m.contains("hessian contains Inf at row 1, column 2"), "{m}"),
+            Err(Error::NonFinite(m)) => {
+                assert!(m.contains("hessian contains Inf at row 1, column 2"), "{m}")
+            }
             other => panic!("expected NonFinite, got {other:?}"),
         }
         match gptq_quantize(&w, rows, cols, &vec![0.0; cols * cols], &o) {
@@ -1370,7 +1762,9 @@ mod tests {
             other => panic!("expected all-dead error, got {other:?}"),
         }
         assert!(msg(rtn_quantize(&wn, rows, cols, None, &o.spec, None)).contains("NaN"));
-        assert!(msg(rtn_quantize(&w, rows, cols, Some(&h[..10]), &o.spec, None)).contains("hessian"));
+        assert!(
+            msg(rtn_quantize(&w, rows, cols, Some(&h[..10]), &o.spec, None)).contains("hessian")
+        );
         assert!(msg(rtn_quantize(&w, rows, cols, None, &o.spec, Some(0))).contains("group_size"));
     }
 
@@ -1378,11 +1772,31 @@ mod tests {
     fn rtn_uses_the_same_grids() {
         let (rows, cols) = (8usize, 100usize);
         let (w, h) = problem(rows, cols, 200, 7, &[]);
-        for &(group, bits, sym, mse) in &[(None, 4u8, false, false), (Some(32), 3, true, true), (Some(30), 8, false, false), (Some(100), 2, true, false)] {
-            let spec = QuantSpec { bits, symmetric: sym, observer: if mse { Observer::mse_default() } else { Observer::MinMax } };
+        for &(group, bits, sym, mse) in &[
+            (None, 4u8, false, false),
+            (Some(32), 3, true, true),
+            (Some(30), 8, false, false),
+            (Some(100), 2, true, false),
+        ] {
+            let spec = QuantSpec {
+                bits,
+                symmetric: sym,
+                observer: if mse {
+                    Observer::mse_default()
+                } else {
+                    Observer::MinMax
+                },
+            };
             let res = rtn_quantize(&w, rows, cols, None, &spec, group).expect("rtn");
             assert!(res.loss.is_nan());
-            let cfg = Cfg { bits, sym, mse, group, act_order: false, static_groups: false };
+            let cfg = Cfg {
+                bits,
+                sym,
+                mse,
+                group,
+                act_order: false,
+                static_groups: false,
+            };
             let with_h = rtn_quantize(&w, rows, cols, Some(&h), &spec, group).expect("rtn");
             let w64: Vec<f64> = w.iter().map(|&v| v as f64).collect();
             let q64: Vec<f64> = with_h.dequantized.iter().map(|&v| v as f64).collect();
@@ -1393,9 +1807,18 @@ mod tests {
                 for (k, c0) in (0..cols).step_by(g).enumerate() {
                     let vals = &w[r * cols + c0..r * cols + (c0 + g).min(cols)];
                     let gp = fit_group(vals, &spec);
-                    assert_eq!((res.scales[r * res.n_groups + k], res.zeros[r * res.n_groups + k]), (gp.scale, gp.zero));
+                    assert_eq!(
+                        (
+                            res.scales[r * res.n_groups + k],
+                            res.zeros[r * res.n_groups + k]
+                        ),
+                        (gp.scale, gp.zero)
+                    );
                     for (i, &v) in vals.iter().enumerate() {
-                        assert_eq!(res.codes[r * cols + c0 + i], quantize_code(v, gp, spec.maxq()));
+                        assert_eq!(
+                            res.codes[r * cols + c0 + i],
+                            quantize_code(v, gp, spec.maxq())
+                        );
                     }
                 }
             }
@@ -1408,7 +1831,9 @@ mod tests {
     fn bench_hessian(n: usize, rng: &mut StdRng) -> Vec<f32> {
         let k = 8;
         let u: Vec<f32> = (0..k * n).map(|_| rng.random::<f32>() - 0.5).collect();
-        let s: Vec<f32> = (0..n).map(|_| (3.0 * (rng.random::<f32>() - 0.5)).exp()).collect();
+        let s: Vec<f32> = (0..n)
+            .map(|_| (3.0 * (rng.random::<f32>() - 0.5)).exp())
+            .collect();
         let mut h = vec![0.0f32; n * n];
         h.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
             for (j, x) in row.iter_mut().enumerate() {
@@ -1425,8 +1850,14 @@ mod tests {
     #[ignore]
     fn gptq_timing() {
         use std::time::Instant;
-        let n = std::env::var("FQ_N").ok().and_then(|v| v.parse().ok()).unwrap_or(4096usize);
-        let rows = std::env::var("FQ_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(n);
+        let n = std::env::var("FQ_N")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(4096usize);
+        let rows = std::env::var("FQ_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(n);
         let mut rng = StdRng::seed_from_u64(1);
         let w: Vec<f32> = (0..rows * n).map(|_| rng.random::<f32>() - 0.5).collect();
         let h = bench_hessian(n, &mut rng);
@@ -1436,14 +1867,25 @@ mod tests {
         let mut c = faer::Mat::<f32>::zeros(rows, n);
         let t = Instant::now();
         for _ in 0..5 {
-            matmul(c.as_mut(), Accum::Add, a.as_ref(), b.as_ref(), 1.0f32, Par::rayon(0));
+            matmul(
+                c.as_mut(),
+                Accum::Add,
+                a.as_ref(),
+                b.as_ref(),
+                1.0f32,
+                Par::rayon(0),
+            );
         }
         let gemm_rate = 5.0 * 2.0 * (rows * 128 * n) as f64 / t.elapsed().as_secs_f64() / 1e9;
         let t = Instant::now();
         let f = linalg::factor_damped(&h, n, DampingPolicy::default()).expect("factor");
         let t_factor = t.elapsed().as_secs_f64();
         drop(f);
-        for (name, cfg) in [("g128", cfg4(Some(128), false, false)), ("g128 act_order", cfg4(Some(128), true, false)), ("per-channel", cfg4(None, false, false))] {
+        for (name, cfg) in [
+            ("g128", cfg4(Some(128), false, false)),
+            ("g128 act_order", cfg4(Some(128), true, false)),
+            ("per-channel", cfg4(None, false, false)),
+        ] {
             let t = Instant::now();
             let res = gptq_quantize(&w, rows, n, &h, &opts(cfg, 128)).expect("solve");
             let total = t.elapsed().as_secs_f64();

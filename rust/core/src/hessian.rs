@@ -176,8 +176,7 @@ impl HessianAccumulator {
             }
             Activations::BF16(v) => {
                 // vdpbf16ps where the CPU has it (products exact, f32 sums: see syrk_bf16)
-                if !(self.bf16_kernel && syrk_bf16::rank_k_update(&mut self.h, n, v, rows, alpha))
-                {
+                if !(self.bf16_kernel && syrk_bf16::rank_k_update(&mut self.h, n, v, rows, alpha)) {
                     self.rank_k_update(v, rows, alpha, |s, d| s.convert_to_f32_slice(d))
                 }
             }

@@ -65,13 +65,23 @@ impl TensorBuf {
     /// An int32 tensor from native values (stored little-endian).
     pub fn from_i32(name: impl Into<String>, shape: Vec<usize>, values: &[i32]) -> Self {
         let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        TensorBuf { name: name.into(), dtype: DType::I32, shape, data }
+        TensorBuf {
+            name: name.into(),
+            dtype: DType::I32,
+            shape,
+            data,
+        }
     }
 
     /// A float32 tensor from native values (stored little-endian).
     pub fn from_f32(name: impl Into<String>, shape: Vec<usize>, values: &[f32]) -> Self {
         let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        TensorBuf { name: name.into(), dtype: DType::F32, shape, data }
+        TensorBuf {
+            name: name.into(),
+            dtype: DType::F32,
+            shape,
+            data,
+        }
     }
 }
 
@@ -113,21 +123,34 @@ fn validate(stem: &str, tensors: &[TensorBuf], max_shard_bytes: Option<u64>) -> 
         )));
     }
     if max_shard_bytes == Some(0) {
-        return Err(invalid("max_shard_bytes must be positive (or None for a single file)".into()));
+        return Err(invalid(
+            "max_shard_bytes must be positive (or None for a single file)".into(),
+        ));
     }
     let mut seen = HashSet::with_capacity(tensors.len());
     for t in tensors {
         if t.name.is_empty() || t.name == "__metadata__" {
-            return Err(invalid(format!("tensor name {:?} is not allowed in a safetensors file", t.name)));
+            return Err(invalid(format!(
+                "tensor name {:?} is not allowed in a safetensors file",
+                t.name
+            )));
         }
         if !seen.insert(t.name.as_str()) {
-            return Err(invalid(format!("tensor {:?} appears twice in the tensors to write", t.name)));
+            return Err(invalid(format!(
+                "tensor {:?} appears twice in the tensors to write",
+                t.name
+            )));
         }
         let expected = t
             .shape
             .iter()
             .try_fold(t.dtype.size(), |acc, &d| acc.checked_mul(d))
-            .ok_or_else(|| invalid(format!("tensor {:?}: shape {:?} overflows", t.name, t.shape)))?;
+            .ok_or_else(|| {
+                invalid(format!(
+                    "tensor {:?}: shape {:?} overflows",
+                    t.name, t.shape
+                ))
+            })?;
         if t.data.len() != expected {
             return Err(invalid(format!(
                 "tensor {:?}: shape {:?} of {:?} needs {expected} bytes, got {}",
@@ -185,12 +208,18 @@ fn json_string(s: &str) -> String {
 
 /// The `{stem}.safetensors.index.json` text, weight_map sorted by tensor name.
 fn index_json(total_size: u64, weight_map: &BTreeMap<&str, &str>) -> String {
-    let mut s = format!("{{\n  \"metadata\": {{\n    \"total_size\": {total_size}\n  }},\n  \"weight_map\": {{");
+    let mut s = format!(
+        "{{\n  \"metadata\": {{\n    \"total_size\": {total_size}\n  }},\n  \"weight_map\": {{"
+    );
     for (i, (name, file)) in weight_map.iter().enumerate() {
         s.push_str(if i == 0 { "\n" } else { ",\n" });
         s.push_str(&format!("    {}: {}", json_string(name), json_string(file)));
     }
-    s.push_str(if weight_map.is_empty() { "}\n}\n" } else { "\n  }\n}\n" });
+    s.push_str(if weight_map.is_empty() {
+        "}\n}\n"
+    } else {
+        "\n  }\n}\n"
+    });
     s
 }
 
@@ -269,10 +298,14 @@ pub fn write_safetensors(
     let names: Vec<String> = if n == 1 {
         vec![format!("{stem}.safetensors")]
     } else {
-        (1..=n).map(|i| format!("{stem}-{i:05}-of-{n:05}.safetensors")).collect()
+        (1..=n)
+            .map(|i| format!("{stem}-{i:05}-of-{n:05}.safetensors"))
+            .collect()
     };
 
-    let mut staged = Staged { files: Vec::with_capacity(n + 1) };
+    let mut staged = Staged {
+        files: Vec::with_capacity(n + 1),
+    };
     for (range, file) in shards.iter().zip(&names) {
         let dst = dir.join(file);
         let tmp = temp_path(dir, file);
@@ -281,7 +314,11 @@ pub fn write_safetensors(
         let views = tensors[range.clone()].iter().map(|t| {
             (
                 t.name.as_str(),
-                BufView { dtype: t.dtype.to_safetensors(), shape: &t.shape, data: &t.data },
+                BufView {
+                    dtype: t.dtype.to_safetensors(),
+                    shape: &t.shape,
+                    data: &t.data,
+                },
             )
         });
         safetensors::serialize_to_file(views, Some(meta.clone()), &tmp)
@@ -350,13 +387,24 @@ mod tests {
 
     fn raw(name: &str, dtype: DType, shape: &[usize], seed: u8) -> TensorBuf {
         let n: usize = shape.iter().product::<usize>() * dtype.size();
-        let data = (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
-        TensorBuf { name: name.into(), dtype, shape: shape.to_vec(), data }
+        let data = (0..n)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect();
+        TensorBuf {
+            name: name.into(),
+            dtype,
+            shape: shape.to_vec(),
+            data,
+        }
     }
 
     fn all_dtypes() -> Vec<TensorBuf> {
         vec![
-            TensorBuf::from_i32("layer.qweight", vec![2, 3], &[1, -2, 3, i32::MIN, i32::MAX, 0]),
+            TensorBuf::from_i32(
+                "layer.qweight",
+                vec![2, 3],
+                &[1, -2, 3, i32::MIN, i32::MAX, 0],
+            ),
             raw("layer.g_idx64", DType::I64, &[5], 1),
             raw("layer.i8", DType::I8, &[3, 3], 2),
             raw("layer.u8", DType::U8, &[7], 3),
@@ -379,7 +427,14 @@ mod tests {
             assert_eq!(v.data(), &t.data[..], "{}", t.name);
         }
         let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
-        assert_eq!(meta.metadata().as_ref().unwrap().get("format").map(String::as_str), Some("pt"));
+        assert_eq!(
+            meta.metadata()
+                .as_ref()
+                .unwrap()
+                .get("format")
+                .map(String::as_str),
+            Some("pt")
+        );
     }
 
     #[test]
@@ -399,7 +454,11 @@ mod tests {
         // int32 bytes are little-endian values.
         let st = SafeTensors::deserialize(&bytes).unwrap();
         let q = st.tensor("layer.qweight").unwrap();
-        let vals: Vec<i32> = q.data().chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap())).collect();
+        let vals: Vec<i32> = q
+            .data()
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
         assert_eq!(vals, vec![1, -2, 3, i32::MIN, i32::MAX, 0]);
         // A limit above the total still writes one unsharded file (and replaces the old one).
         let paths = write_safetensors(&d.0, "model", tensors, Some(1 << 20), None).unwrap();
@@ -421,7 +480,9 @@ mod tests {
             raw("e", DType::U8, &[50], 6),
         ];
         let paths = write_safetensors(&d.0, "model", tensors.clone(), Some(600), None).unwrap();
-        let shard_names: Vec<String> = (1..=4).map(|i| format!("model-{i:05}-of-00004.safetensors")).collect();
+        let shard_names: Vec<String> = (1..=4)
+            .map(|i| format!("model-{i:05}-of-00004.safetensors"))
+            .collect();
         let mut expected_paths: Vec<PathBuf> = shard_names.iter().map(|n| d.0.join(n)).collect();
         expected_paths.push(d.0.join("model.safetensors.index.json"));
         assert_eq!(paths, expected_paths);
@@ -452,16 +513,30 @@ mod tests {
         // Names with characters that need escaping; the file is parsed by Python's json when
         // available (skipped otherwise), and by a structural check here.
         let d = TempDir::new("json");
-        let tensors = vec![raw("we\"ird\\name", DType::U8, &[8], 1), raw("tab\tname", DType::U8, &[8], 2)];
+        let tensors = vec![
+            raw("we\"ird\\name", DType::U8, &[8], 1),
+            raw("tab\tname", DType::U8, &[8], 2),
+        ];
         let paths = write_safetensors(&d.0, "m", tensors, Some(8), None).unwrap();
         let index = fs::read_to_string(&paths[2]).unwrap();
-        assert!(index.contains(r#""we\"ird\\name": "m-00001-of-00002.safetensors""#), "{index}");
-        assert!(index.contains(r#""tab\tname": "m-00002-of-00002.safetensors""#), "{index}");
+        assert!(
+            index.contains(r#""we\"ird\\name": "m-00001-of-00002.safetensors""#),
+            "{index}"
+        );
+        assert!(
+            index.contains(r#""tab\tname": "m-00002-of-00002.safetensors""#),
+            "{index}"
+        );
         let py = "import json,sys; d=json.load(open(sys.argv[1])); \
                   assert d['metadata']['total_size']==16, d; \
                   assert d['weight_map']=={'we\"ird\\\\name':'m-00001-of-00002.safetensors','tab\\tname':'m-00002-of-00002.safetensors'}, d";
         for exe in ["/root/.cache/ferroquant/venv/bin/python", "python3"] {
-            if let Ok(o) = std::process::Command::new(exe).arg("-c").arg(py).arg(&paths[2]).output() {
+            if let Ok(o) = std::process::Command::new(exe)
+                .arg("-c")
+                .arg(py)
+                .arg(&paths[2])
+                .output()
+            {
                 assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
                 break;
             }
@@ -478,12 +553,26 @@ mod tests {
     #[test]
     fn bad_input_writes_nothing() {
         let d = TempDir::new("bad");
-        let dup = vec![raw("x", DType::U8, &[4], 1), raw("y", DType::U8, &[4], 1), raw("x", DType::U8, &[2], 1)];
+        let dup = vec![
+            raw("x", DType::U8, &[4], 1),
+            raw("y", DType::U8, &[4], 1),
+            raw("x", DType::U8, &[2], 1),
+        ];
         let e = write_safetensors(&d.0, "model", dup, Some(4), None).unwrap_err();
-        assert!(matches!(&e, Error::InvalidArgument(m) if m.contains("\"x\" appears twice")), "{e}");
+        assert!(
+            matches!(&e, Error::InvalidArgument(m) if m.contains("\"x\" appears twice")),
+            "{e}"
+        );
         let mut bad = raw("layer.scales", DType::F16, &[3, 4], 1);
         bad.data.pop();
-        let e = write_safetensors(&d.0, "model", vec![raw("ok", DType::U8, &[4], 1), bad], None, None).unwrap_err();
+        let e = write_safetensors(
+            &d.0,
+            "model",
+            vec![raw("ok", DType::U8, &[4], 1), bad],
+            None,
+            None,
+        )
+        .unwrap_err();
         assert!(
             matches!(&e, Error::InvalidArgument(m) if m.contains("layer.scales") && m.contains("needs 24 bytes, got 23")),
             "{e}"
@@ -491,9 +580,21 @@ mod tests {
         for stem in ["", "a/b", ".hidden"] {
             assert!(write_safetensors(&d.0, stem, vec![], None, None).is_err());
         }
-        assert!(write_safetensors(&d.0, "m", vec![raw("__metadata__", DType::U8, &[1], 0)], None, None).is_err());
+        assert!(write_safetensors(
+            &d.0,
+            "m",
+            vec![raw("__metadata__", DType::U8, &[1], 0)],
+            None,
+            None
+        )
+        .is_err());
         assert!(write_safetensors(&d.0, "m", vec![], Some(0), None).is_err());
-        let huge = TensorBuf { name: "h".into(), dtype: DType::I64, shape: vec![usize::MAX, 2], data: vec![] };
+        let huge = TensorBuf {
+            name: "h".into(),
+            dtype: DType::I64,
+            shape: vec![usize::MAX, 2],
+            data: vec![],
+        };
         assert!(write_safetensors(&d.0, "m", vec![huge], None, None).is_err());
         assert_eq!(listing(&d.0), Vec::<String>::new());
     }
@@ -508,10 +609,19 @@ mod tests {
         fs::write(blocker.join("keep"), b"x").unwrap();
         let tensors = vec![raw("a", DType::U8, &[8], 1), raw("b", DType::U8, &[8], 2)];
         let e = write_safetensors(&d.0, "model", tensors, Some(8), None).unwrap_err();
-        assert!(matches!(&e, Error::Io(m) if m.contains("model-00002-of-00002.safetensors")), "{e}");
+        assert!(
+            matches!(&e, Error::Io(m) if m.contains("model-00002-of-00002.safetensors")),
+            "{e}"
+        );
         let left = listing(&d.0);
-        assert!(left.iter().all(|f| !f.contains(".tmp")), "temporaries left: {left:?}");
-        assert!(!left.contains(&"model.safetensors.index.json".to_string()), "{left:?}");
+        assert!(
+            left.iter().all(|f| !f.contains(".tmp")),
+            "temporaries left: {left:?}"
+        );
+        assert!(
+            !left.contains(&"model.safetensors.index.json".to_string()),
+            "{left:?}"
+        );
 
         // An output "directory" that is a file: the error names it and nothing is created.
         let file = d.0.join("not-a-dir");
@@ -531,7 +641,10 @@ mod tests {
         fs::write(squat.join("keep"), b"x").unwrap();
         let tensors = vec![raw("a", DType::U8, &[8], 1), raw("b", DType::U8, &[8], 2)];
         let e = write_safetensors(&d.0, "model", tensors, Some(8), None).unwrap_err();
-        assert!(matches!(&e, Error::Io(m) if m.contains("model-00002-of-00002.safetensors")), "{e}");
+        assert!(
+            matches!(&e, Error::Io(m) if m.contains("model-00002-of-00002.safetensors")),
+            "{e}"
+        );
         fs::remove_dir_all(&squat).unwrap();
         assert_eq!(listing(&d.0), Vec::<String>::new());
     }
@@ -543,7 +656,13 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let d = TempDir::new("ro");
         fs::set_permissions(&d.0, fs::Permissions::from_mode(0o555)).unwrap();
-        let r = write_safetensors(&d.0, "model", vec![raw("a", DType::U8, &[8], 1)], None, None);
+        let r = write_safetensors(
+            &d.0,
+            "model",
+            vec![raw("a", DType::U8, &[8], 1)],
+            None,
+            None,
+        );
         fs::set_permissions(&d.0, fs::Permissions::from_mode(0o755)).unwrap();
         let left = listing(&d.0);
         match r {

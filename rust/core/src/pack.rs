@@ -42,7 +42,9 @@ fn invalid(msg: String) -> Error {
 fn check_bits(bits: u8, what: &str) -> Result<()> {
     match bits {
         2 | 3 | 4 | 8 => Ok(()),
-        _ => Err(invalid(format!("{what}: bits must be 2, 3, 4 or 8, got {bits}"))),
+        _ => Err(invalid(format!(
+            "{what}: bits must be 2, 3, 4 or 8, got {bits}"
+        ))),
     }
 }
 
@@ -82,7 +84,11 @@ fn check_codes(codes: &[u8], cols: usize, bits: u8, what: &str) -> Result<()> {
         .par_chunks(CHUNK)
         .position_first(|ch| ch.iter().fold(0u8, |m, &c| m.max(c)) > maxq);
     if let Some(ci) = bad_chunk {
-        let i = ci * CHUNK + codes[ci * CHUNK..].iter().position(|&c| c > maxq).unwrap_or(0);
+        let i = ci * CHUNK
+            + codes[ci * CHUNK..]
+                .iter()
+                .position(|&c| c > maxq)
+                .unwrap_or(0);
         let (r, c) = i.checked_div(cols).map_or((0, i), |r| (r, i % cols));
         return Err(invalid(format!(
             "{what}: code {} at [{r}, {c}] (flat index {i}) exceeds {maxq}, the largest {bits}-bit code",
@@ -157,7 +163,11 @@ fn unpack_group<const B: usize>(w: &[u32; 8], out: &mut [u8; 32]) {
 
 fn pack_line_b<const B: usize>(vals: &[u8], out: &mut [i32]) {
     let full = vals.len() / 32;
-    for (ws, g) in out.chunks_exact_mut(B).zip(vals.chunks_exact(32)).take(full) {
+    for (ws, g) in out
+        .chunks_exact_mut(B)
+        .zip(vals.chunks_exact(32))
+        .take(full)
+    {
         let g: &[u8; 32] = g.try_into().expect("chunks_exact(32)");
         let w = pack_group::<B>(g);
         for (d, &x) in ws.iter_mut().zip(&w) {
@@ -329,7 +339,14 @@ impl SharedOut {
 /// rows along the input (contiguous reads), then writes them transposed: `qweight[w, o0..o0+ob]`
 /// for every word row `w`, i.e. runs of `ob` consecutive words. Every element of `packed`
 /// (`[ceil(inp*bits/32), out]`) is written.
-fn pack_qweight_into(codes: &[u8], out: usize, inp: usize, bits: u8, ob_max: usize, packed: &mut [i32]) {
+fn pack_qweight_into(
+    codes: &[u8],
+    out: usize,
+    inp: usize,
+    bits: u8,
+    ob_max: usize,
+    packed: &mut [i32],
+) {
     let w_rows = packed_len(inp, bits);
     assert_eq!(packed.len(), w_rows * out, "pack_qweight_into: output size");
     assert_eq!(codes.len(), out * inp, "pack_qweight_into: input size");
@@ -434,7 +451,13 @@ fn gptq_zero_codes(zeros: &[i32], out: usize, bits: u8, v1: bool) -> Result<Vec<
 /// GPTQ `qzeros`: zeros `[n_groups, out]` -> int32 `[n_groups, ceil(out*bits/32)]`, packed along
 /// the output dimension. `v1 = true` stores `zero - 1` (a zero of 0 is an error: it would wrap);
 /// v2 stores the raw zero.
-pub fn pack_gptq_qzeros(zeros: &[i32], n_groups: usize, out: usize, bits: u8, v1: bool) -> Result<Vec<i32>> {
+pub fn pack_gptq_qzeros(
+    zeros: &[i32],
+    n_groups: usize,
+    out: usize,
+    bits: u8,
+    v1: bool,
+) -> Result<Vec<i32>> {
     const WHAT: &str = "GPTQ qzeros pack";
     check_bits(bits, WHAT)?;
     check_len(zeros.len(), n_groups, out, WHAT)?;
@@ -443,7 +466,13 @@ pub fn pack_gptq_qzeros(zeros: &[i32], n_groups: usize, out: usize, bits: u8, v1
 }
 
 /// Inverse of [`pack_gptq_qzeros`] (adds the 1 back for v1).
-pub fn unpack_gptq_qzeros(packed: &[i32], n_groups: usize, out: usize, bits: u8, v1: bool) -> Result<Vec<i32>> {
+pub fn unpack_gptq_qzeros(
+    packed: &[i32],
+    n_groups: usize,
+    out: usize,
+    bits: u8,
+    v1: bool,
+) -> Result<Vec<i32>> {
     const WHAT: &str = "GPTQ qzeros unpack";
     check_bits(bits, WHAT)?;
     check_len(packed.len(), n_groups, packed_len(out, bits), WHAT)?;
@@ -486,7 +515,12 @@ pub fn pack_ct_zero_point(zeros: &[u8], out: usize, n_groups: usize, bits: u8) -
 }
 
 /// Inverse of [`pack_ct_zero_point`]: returns unsigned (shifted) zeros `[out, n_groups]`.
-pub fn unpack_ct_zero_point(packed: &[i32], out: usize, n_groups: usize, bits: u8) -> Result<Vec<u8>> {
+pub fn unpack_ct_zero_point(
+    packed: &[i32],
+    out: usize,
+    n_groups: usize,
+    bits: u8,
+) -> Result<Vec<u8>> {
     const WHAT: &str = "compressed-tensors weight_zero_point unpack";
     check_bits(bits, WHAT)?;
     check_len(packed.len(), packed_len(out, bits), n_groups, WHAT)?;
@@ -503,7 +537,9 @@ mod tests {
 
     fn random_codes(n: usize, bits: u8, seed: u64) -> Vec<u8> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        (0..n).map(|_| rng.random_range(0..=max_code(bits)) as u8).collect()
+        (0..n)
+            .map(|_| rng.random_range(0..=max_code(bits)) as u8)
+            .collect()
     }
 
     /// Independent reference: bit `p` of the little-endian stream held in `words`, read with
@@ -513,7 +549,9 @@ mod tests {
     }
     fn stream_value(words: &[i32], i: usize, bits: u8) -> u8 {
         let b = bits as usize;
-        (0..b).map(|t| stream_bit(words, i * b + t) << t).sum::<u32>() as u8
+        (0..b)
+            .map(|t| stream_bit(words, i * b + t) << t)
+            .sum::<u32>() as u8
     }
 
     fn transpose<T: Copy>(m: &[T], rows: usize, cols: usize) -> Vec<T> {
@@ -557,7 +595,16 @@ mod tests {
         // v21=3=0b011 (low bit 1 -> w1 bit 31, top 2 bits 0b01 -> w2 bits 0..1),
         // v22=7 (w2 bits 2..4), v31=4=0b100 (w2 bits 29..31 -> bit 31).
         let mut codes = vec![0u8; 32];
-        for (i, v) in [(0, 7), (9, 1), (10, 5), (11, 7), (20, 1), (21, 3), (22, 7), (31, 4)] {
+        for (i, v) in [
+            (0, 7),
+            (9, 1),
+            (10, 5),
+            (11, 7),
+            (20, 1),
+            (21, 3),
+            (22, 7),
+            (31, 4),
+        ] {
             codes[i] = v;
         }
         let q = pack_gptq_qweight(&codes, 1, 32, 3).unwrap();
@@ -611,12 +658,24 @@ mod tests {
     fn gptq_qzeros_hand_examples() {
         // Symmetric int4: zero 8 everywhere -> v1 stores 7 in every nibble, v2 stores 8.
         let z = vec![8i32; 2 * 8];
-        assert_eq!(pack_gptq_qzeros(&z, 2, 8, 4, true).unwrap(), vec![0x7777_7777; 2]);
-        assert_eq!(pack_gptq_qzeros(&z, 2, 8, 4, false).unwrap(), vec![0x8888_8888u32 as i32; 2]);
+        assert_eq!(
+            pack_gptq_qzeros(&z, 2, 8, 4, true).unwrap(),
+            vec![0x7777_7777; 2]
+        );
+        assert_eq!(
+            pack_gptq_qzeros(&z, 2, 8, 4, false).unwrap(),
+            vec![0x8888_8888u32 as i32; 2]
+        );
         // v1 minus one: zeros 1..=8 along the output dim -> stored 0..=7.
         let z: Vec<i32> = (1..=8).collect();
-        assert_eq!(pack_gptq_qzeros(&z, 1, 8, 4, true).unwrap(), vec![0x7654_3210]);
-        assert_eq!(pack_gptq_qzeros(&z, 1, 8, 4, false).unwrap(), vec![0x8765_4321u32 as i32]);
+        assert_eq!(
+            pack_gptq_qzeros(&z, 1, 8, 4, true).unwrap(),
+            vec![0x7654_3210]
+        );
+        assert_eq!(
+            pack_gptq_qzeros(&z, 1, 8, 4, false).unwrap(),
+            vec![0x8765_4321u32 as i32]
+        );
         // v1 can store a zero of 2^bits (stored maxq) and unpack gives it back.
         let z = vec![16i32; 8];
         let p = pack_gptq_qzeros(&z, 1, 8, 4, true).unwrap();
@@ -653,10 +712,16 @@ mod tests {
         // value 10 = 0b111 straddles: bits 30..31 of word 0 and bit 0 of word 1.
         let mut codes = vec![0u8; 11];
         codes[10] = 7;
-        assert_eq!(pack_ct_weight(&codes, 1, 11, 3).unwrap(), vec![(3u32 << 30) as i32, 1]);
+        assert_eq!(
+            pack_ct_weight(&codes, 1, 11, 3).unwrap(),
+            vec![(3u32 << 30) as i32, 1]
+        );
         // 8-bit signed: -128 -> 0, -1 -> 127, 0 -> 128, 127 -> 255.
         let codes = [0u8, 127, 128, 255];
-        assert_eq!(pack_ct_weight(&codes, 1, 4, 8).unwrap(), vec![0xFF80_7F00u32 as i32]);
+        assert_eq!(
+            pack_ct_weight(&codes, 1, 4, 8).unwrap(),
+            vec![0xFF80_7F00u32 as i32]
+        );
         // 2-bit: 17 values -> 2 words (34 bits), value 16 alone in word 1.
         let mut codes = vec![0u8; 17];
         codes[16] = 2;
@@ -700,14 +765,22 @@ mod tests {
                 for o in 0..out {
                     let col: Vec<i32> = (0..wr).map(|w| q[w * out + o]).collect();
                     for k in 0..inp {
-                        assert_eq!(stream_value(&col, k, bits), codes[o * inp + k], "bits {bits} [{o},{k}]");
+                        assert_eq!(
+                            stream_value(&col, k, bits),
+                            codes[o * inp + k],
+                            "bits {bits} [{o},{k}]"
+                        );
                     }
                     // Padding bits are zero.
                     for p in inp * bits as usize..wr * 32 {
                         assert_eq!(stream_bit(&col, p), 0);
                     }
                 }
-                assert_eq!(unpack_gptq_qweight(&q, out, inp, bits).unwrap(), codes, "bits {bits} {out}x{inp}");
+                assert_eq!(
+                    unpack_gptq_qweight(&q, out, inp, bits).unwrap(),
+                    codes,
+                    "bits {bits} {out}x{inp}"
+                );
                 // Same bit stream as compressed-tensors, transposed.
                 let ct = pack_ct_weight(&codes, out, inp, bits).unwrap();
                 assert_eq!(transpose(&ct, out, wr), q);
@@ -750,12 +823,18 @@ mod tests {
                         assert_eq!(stream_value(&p2[g * wc..][..wc], c, bits), raw[g * out + c]);
                     }
                 }
-                assert_eq!(unpack_gptq_qzeros(&p2, groups, out, bits, false).unwrap(), z2);
+                assert_eq!(
+                    unpack_gptq_qzeros(&p2, groups, out, bits, false).unwrap(),
+                    z2
+                );
                 // v1: zeros 1..=2^bits, stored minus one -> the same words as v2 of raw.
                 let z1: Vec<i32> = z2.iter().map(|&z| z + 1).collect();
                 let p1 = pack_gptq_qzeros(&z1, groups, out, bits, true).unwrap();
                 assert_eq!(p1, p2);
-                assert_eq!(unpack_gptq_qzeros(&p1, groups, out, bits, true).unwrap(), z1);
+                assert_eq!(
+                    unpack_gptq_qzeros(&p1, groups, out, bits, true).unwrap(),
+                    z1
+                );
                 // compressed-tensors zero point [out=groups here, n_groups=out here], dim 0.
                 let (zr, zc) = (groups, out);
                 let pz = pack_ct_zero_point(&raw, zr, zc, bits).unwrap();
@@ -777,7 +856,10 @@ mod tests {
         for bits in BITS {
             assert!(pack_gptq_qweight(&[], 0, 64, bits).unwrap().is_empty());
             assert!(pack_gptq_qweight(&[], 4, 0, bits).unwrap().is_empty());
-            assert_eq!(unpack_gptq_qweight(&[], 4, 0, bits).unwrap(), Vec::<u8>::new());
+            assert_eq!(
+                unpack_gptq_qweight(&[], 4, 0, bits).unwrap(),
+                Vec::<u8>::new()
+            );
             assert!(pack_ct_weight(&[], 4, 0, bits).unwrap().is_empty());
             assert!(pack_ct_zero_point(&[], 0, 3, bits).unwrap().is_empty());
             assert!(pack_gptq_qzeros(&[], 0, 3, bits, true).unwrap().is_empty());
@@ -790,7 +872,10 @@ mod tests {
     fn rejects_bad_bits() {
         for bits in [0u8, 1, 5, 6, 7, 16] {
             let m = err_msg(pack_gptq_qweight(&[0; 8], 1, 8, bits));
-            assert!(m.contains("bits must be 2, 3, 4 or 8") && m.contains(&bits.to_string()), "{m}");
+            assert!(
+                m.contains("bits must be 2, 3, 4 or 8") && m.contains(&bits.to_string()),
+                "{m}"
+            );
             assert!(pack_ct_weight(&[0; 8], 1, 8, bits).is_err());
             assert!(unpack_gptq_qweight(&[0; 8], 1, 8, bits).is_err());
             assert!(unpack_ct_weight(&[0; 8], 1, 8, bits).is_err());
@@ -825,7 +910,10 @@ mod tests {
         codes[2 * 40 + 7] = 8; // first offender at [2, 7]
         codes[2 * 40 + 9] = 200;
         let m = err_msg(pack_gptq_qweight(&codes, 3, 40, 3));
-        assert!(m.contains("code 8 at [2, 7]") && m.contains("flat index 87") && m.contains("7"), "{m}");
+        assert!(
+            m.contains("code 8 at [2, 7]") && m.contains("flat index 87") && m.contains("7"),
+            "{m}"
+        );
         let m = err_msg(pack_ct_weight(&codes, 3, 40, 3));
         assert!(m.contains("code 8 at [2, 7]"), "{m}");
         // 8 fits in 4 bits; 200 fits in 8 bits; 16 does not fit in 4.
@@ -842,8 +930,14 @@ mod tests {
         let mut z = vec![5i32; 2 * 16];
         z[16 + 3] = 0;
         let m = err_msg(pack_gptq_qzeros(&z, 2, 16, 4, true));
-        assert!(m.contains("asymmetric zero point 0") && m.contains("[group 1, column 3]"), "{m}");
-        assert!(m.contains("gptq_v2") && m.contains("compressed-tensors"), "{m}");
+        assert!(
+            m.contains("asymmetric zero point 0") && m.contains("[group 1, column 3]"),
+            "{m}"
+        );
+        assert!(
+            m.contains("gptq_v2") && m.contains("compressed-tensors"),
+            "{m}"
+        );
         // v2 stores the 0 fine.
         let p = pack_gptq_qzeros(&z, 2, 16, 4, false).unwrap();
         assert_eq!(unpack_gptq_qzeros(&p, 2, 16, 4, false).unwrap(), z);

@@ -11,12 +11,20 @@ pub enum Observer {
     /// min/max of the group.
     MinMax,
     /// Shrink-grid search minimising Σ|q(x)-x|^norm (reference: grid 100, maxshrink 0.8, norm 2.4).
-    Mse { grid: usize, max_shrink: f32, norm: f32 },
+    Mse {
+        grid: usize,
+        max_shrink: f32,
+        norm: f32,
+    },
 }
 
 impl Observer {
     pub fn mse_default() -> Self {
-        Observer::Mse { grid: 100, max_shrink: 0.8, norm: 2.4 }
+        Observer::Mse {
+            grid: 100,
+            max_shrink: 0.8,
+            norm: 2.4,
+        }
     }
 }
 
@@ -37,9 +45,16 @@ impl QuantSpec {
                 self.bits
             )));
         }
-        if let Observer::Mse { grid, max_shrink, norm } = self.observer {
+        if let Observer::Mse {
+            grid,
+            max_shrink,
+            norm,
+        } = self.observer
+        {
             if grid == 0 {
-                return Err(Error::InvalidArgument("quantizer: MSE observer grid must be > 0 (reference: 100)".into()));
+                return Err(Error::InvalidArgument(
+                    "quantizer: MSE observer grid must be > 0 (reference: 100)".into(),
+                ));
             }
             if !(max_shrink > 0.0 && max_shrink <= 1.0) {
                 return Err(Error::InvalidArgument(format!(
@@ -80,9 +95,21 @@ pub fn fit_group(values: &[f32], spec: &QuantSpec) -> GroupParams {
         .fold((0.0f32, 0.0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
     match spec.observer {
         Observer::MinMax => minmax_params(xmin, xmax, spec),
-        Observer::Mse { grid, max_shrink, norm } => {
+        Observer::Mse {
+            grid,
+            max_shrink,
+            norm,
+        } => {
             let (xmin, xmax) = reference_range(xmin, xmax, spec.symmetric);
-            let search = MseSearch { grid, max_shrink, norm, maxq: spec.maxq(), symmetric: spec.symmetric, xmin, xmax };
+            let search = MseSearch {
+                grid,
+                max_shrink,
+                norm,
+                maxq: spec.maxq(),
+                symmetric: spec.symmetric,
+                xmin,
+                xmax,
+            };
             search.run(values, minmax_params(xmin, xmax, spec))
         }
     }
@@ -95,7 +122,11 @@ pub fn minmax_params(xmin: f32, xmax: f32, spec: &QuantSpec) -> GroupParams {
     let (xmin, xmax) = reference_range(xmin, xmax, spec.symmetric);
     let maxq = spec.maxq();
     let scale = (xmax - xmin) / maxq as f32;
-    let zero = if spec.symmetric { sym_zero(maxq) } else { (-xmin / scale).round_ties_even() as i32 };
+    let zero = if spec.symmetric {
+        sym_zero(maxq)
+    } else {
+        (-xmin / scale).round_ties_even() as i32
+    };
     GroupParams { scale, zero }
 }
 
@@ -139,7 +170,9 @@ impl MseSearch {
     fn run(&self, values: &[f32], minmax: GroupParams) -> GroupParams {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
                 // SAFETY: the CPU supports the features the function is compiled for.
                 return unsafe { self.run_avx2(values, minmax) };
             }
@@ -164,7 +197,11 @@ impl MseSearch {
             let p = (1.0 - i as f64 / self.grid as f64) as f32;
             let (lo, hi) = (p * self.xmin, p * self.xmax);
             let scale = (hi - lo) / maxq_f;
-            let zero = if self.symmetric { sym_zero(self.maxq) } else { (-lo / scale).round_ties_even() as i32 };
+            let zero = if self.symmetric {
+                sym_zero(self.maxq)
+            } else {
+                (-lo / scale).round_ties_even() as i32
+            };
             let cand = GroupParams { scale, zero };
             let err = shrink_error(values, cand, self.maxq, self.norm);
             // Strict `<` keeps the first (widest) of equally good grids, as the reference does.
@@ -214,7 +251,12 @@ pub fn dequantize_code(q: u8, p: GroupParams) -> f32 {
 #[cfg(test)]
 pub(crate) mod reference {
     /// Independent f64 transcription of the reference `find_params` + MSE search for one row.
-    pub(crate) fn reference_params(x: &[f64], bits: u8, sym: bool, mse: Option<(usize, f64, f64)>) -> (f64, f64) {
+    pub(crate) fn reference_params(
+        x: &[f64],
+        bits: u8,
+        sym: bool,
+        mse: Option<(usize, f64, f64)>,
+    ) -> (f64, f64) {
         let maxq = ((1u32 << bits) - 1) as f64;
         let mut xmin = x.iter().cloned().fold(f64::INFINITY, f64::min).min(0.0);
         let mut xmax = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max).max(0.0);
@@ -229,14 +271,22 @@ pub(crate) mod reference {
             xmax = 1.0;
         }
         let mut scale = (xmax - xmin) / maxq;
-        let mut zero = if sym { (maxq + 1.0) / 2.0 } else { (-xmin / scale).round_ties_even() };
+        let mut zero = if sym {
+            (maxq + 1.0) / 2.0
+        } else {
+            (-xmin / scale).round_ties_even()
+        };
         if let Some((grid, shrink, norm)) = mse {
             let mut best = f64::INFINITY;
             for i in 0..(shrink * grid as f64) as usize {
                 let p = 1.0 - i as f64 / grid as f64;
                 let (lo, hi) = (p * xmin, p * xmax);
                 let s1 = (hi - lo) / maxq;
-                let z1 = if sym { (maxq + 1.0) / 2.0 } else { (-lo / s1).round_ties_even() };
+                let z1 = if sym {
+                    (maxq + 1.0) / 2.0
+                } else {
+                    (-lo / s1).round_ties_even()
+                };
                 let err: f64 = x
                     .iter()
                     .map(|&v| {
@@ -253,7 +303,6 @@ pub(crate) mod reference {
         }
         (scale, zero)
     }
-
 }
 
 #[cfg(test)]
@@ -262,11 +311,17 @@ mod tests {
     use super::*;
 
     fn spec(bits: u8, symmetric: bool, observer: Observer) -> QuantSpec {
-        QuantSpec { bits, symmetric, observer }
+        QuantSpec {
+            bits,
+            symmetric,
+            observer,
+        }
     }
 
     fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
 
@@ -275,29 +330,74 @@ mod tests {
         let x = [-1.0f32, 0.5, 2.0];
         // asym 4-bit: range [-1, 2], scale 3/15, zero round(1/0.2) = 5.
         let p = fit_group(&x, &spec(4, false, Observer::MinMax));
-        assert_eq!(p, GroupParams { scale: 3.0 / 15.0, zero: 5 });
+        assert_eq!(
+            p,
+            GroupParams {
+                scale: 3.0 / 15.0,
+                zero: 5
+            }
+        );
         // sym 4-bit: xmax = 2, xmin = -2, scale 4/15, zero 8.
         let p = fit_group(&x, &spec(4, true, Observer::MinMax));
-        assert_eq!(p, GroupParams { scale: 4.0 / 15.0, zero: 8 });
+        assert_eq!(
+            p,
+            GroupParams {
+                scale: 4.0 / 15.0,
+                zero: 8
+            }
+        );
         // Positive-only group: range [0, 1], zero 0 (asym); sym keeps xmin = 0 (reference quirk).
         let p = fit_group(&[0.5, 1.0], &spec(2, false, Observer::MinMax));
-        assert_eq!(p, GroupParams { scale: 1.0 / 3.0, zero: 0 });
+        assert_eq!(
+            p,
+            GroupParams {
+                scale: 1.0 / 3.0,
+                zero: 0
+            }
+        );
         let p = fit_group(&[0.5, 1.0], &spec(2, true, Observer::MinMax));
-        assert_eq!(p, GroupParams { scale: 1.0 / 3.0, zero: 2 });
+        assert_eq!(
+            p,
+            GroupParams {
+                scale: 1.0 / 3.0,
+                zero: 2
+            }
+        );
         // All-zero group gets [-1, 1]. 8-bit: scale = f32(2/255) is a hair above 2/255, so
         // 1/scale = 127.49999 in f32 and the zero is 127, as torch computes it in f32.
         let p = fit_group(&[0.0; 4], &spec(8, false, Observer::MinMax));
-        assert_eq!(p, GroupParams { scale: 2.0 / 255.0, zero: 127 });
+        assert_eq!(
+            p,
+            GroupParams {
+                scale: 2.0 / 255.0,
+                zero: 127
+            }
+        );
         // 2-bit asym: 1/(2/3) = 1.5 exactly representable -> half to even gives 2.
         let p = fit_group(&[0.0; 4], &spec(2, false, Observer::MinMax));
-        assert_eq!(p, GroupParams { scale: 2.0 / 3.0, zero: 2 });
+        assert_eq!(
+            p,
+            GroupParams {
+                scale: 2.0 / 3.0,
+                zero: 2
+            }
+        );
         let p = fit_group(&[0.0; 4], &spec(3, true, Observer::MinMax));
-        assert_eq!(p, GroupParams { scale: 2.0 / 7.0, zero: 4 });
+        assert_eq!(
+            p,
+            GroupParams {
+                scale: 2.0 / 7.0,
+                zero: 4
+            }
+        );
     }
 
     #[test]
     fn rounding_is_half_to_even_and_clamped() {
-        let p = GroupParams { scale: 0.5, zero: 3 };
+        let p = GroupParams {
+            scale: 0.5,
+            zero: 3,
+        };
         assert_eq!(quantize_code(1.25, p, 15), 2 + 3); // 2.5 -> 2
         assert_eq!(quantize_code(1.75, p, 15), 4 + 3); // 3.5 -> 4
         assert_eq!(quantize_code(-0.25, p, 15), 3); // -0.5 -> -0
@@ -321,14 +421,23 @@ mod tests {
                         let x: Vec<f32> = (0..n)
                             .map(|i| {
                                 let v = lcg(&mut seed);
-                                if i == 3 { 8.0 * v } else { v + 0.3 * (trial % 3) as f32 }
+                                if i == 3 {
+                                    8.0 * v
+                                } else {
+                                    v + 0.3 * (trial % 3) as f32
+                                }
                             })
                             .collect();
-                        let obs = if mse { Observer::mse_default() } else { Observer::MinMax };
+                        let obs = if mse {
+                            Observer::mse_default()
+                        } else {
+                            Observer::MinMax
+                        };
                         let s = spec(bits, sym, obs);
                         let p = fit_group(&x, &s);
                         let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
-                        let (rs, rz) = reference_params(&x64, bits, sym, mse.then_some((100, 0.8, 2.4)));
+                        let (rs, rz) =
+                            reference_params(&x64, bits, sym, mse.then_some((100, 0.8, 2.4)));
                         assert!(
                             ((p.scale as f64 - rs) / rs).abs() < 1e-5,
                             "bits {bits} sym {sym} mse {mse} n {n}: scale {} vs {rs}",
@@ -370,20 +479,57 @@ mod tests {
             assert!(spec(bits, true, Observer::mse_default()).validate().is_ok());
         }
         for bits in [0u8, 1, 5, 6, 7, 9, 16] {
-            let e = spec(bits, true, Observer::MinMax).validate().unwrap_err().to_string();
+            let e = spec(bits, true, Observer::MinMax)
+                .validate()
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("bits"), "{e}");
         }
         let bad = [
-            Observer::Mse { grid: 0, max_shrink: 0.8, norm: 2.4 },
-            Observer::Mse { grid: 100, max_shrink: 0.0, norm: 2.4 },
-            Observer::Mse { grid: 100, max_shrink: 1.5, norm: 2.4 },
-            Observer::Mse { grid: 100, max_shrink: f32::NAN, norm: 2.4 },
-            Observer::Mse { grid: 100, max_shrink: 0.8, norm: 0.0 },
-            Observer::Mse { grid: 100, max_shrink: 0.8, norm: f32::INFINITY },
+            Observer::Mse {
+                grid: 0,
+                max_shrink: 0.8,
+                norm: 2.4,
+            },
+            Observer::Mse {
+                grid: 100,
+                max_shrink: 0.0,
+                norm: 2.4,
+            },
+            Observer::Mse {
+                grid: 100,
+                max_shrink: 1.5,
+                norm: 2.4,
+            },
+            Observer::Mse {
+                grid: 100,
+                max_shrink: f32::NAN,
+                norm: 2.4,
+            },
+            Observer::Mse {
+                grid: 100,
+                max_shrink: 0.8,
+                norm: 0.0,
+            },
+            Observer::Mse {
+                grid: 100,
+                max_shrink: 0.8,
+                norm: f32::INFINITY,
+            },
         ];
         for o in bad {
             assert!(spec(4, false, o).validate().is_err(), "{o:?} accepted");
         }
-        assert!(spec(4, false, Observer::Mse { grid: 100, max_shrink: 1.0, norm: 2.0 }).validate().is_ok());
+        assert!(spec(
+            4,
+            false,
+            Observer::Mse {
+                grid: 100,
+                max_shrink: 1.0,
+                norm: 2.0
+            }
+        )
+        .validate()
+        .is_ok());
     }
 }

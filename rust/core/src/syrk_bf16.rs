@@ -90,24 +90,32 @@ fn pack(x: &[bf16], kc: usize, n: usize, pairs: usize, packed: &mut [u32]) {
         .par_chunks_mut((KC / 2) * MR)
         .enumerate()
         .for_each(|(p, panel)| {
-            let f0 = p * MR;
-            let fw = (n - f0).min(MR);
-            for k in 0..pairs {
-                let lo = &x[2 * k * n + f0..2 * k * n + f0 + fw];
-                let dst = &mut panel[k * MR..(k + 1) * MR];
-                if 2 * k + 1 < kc {
-                    let hi = &x[(2 * k + 1) * n + f0..(2 * k + 1) * n + f0 + fw];
-                    for l in 0..fw {
-                        dst[l] = u32::from(lo[l].to_bits()) | u32::from(hi[l].to_bits()) << 16;
-                    }
-                } else {
-                    for l in 0..fw {
-                        dst[l] = u32::from(lo[l].to_bits());
-                    }
-                }
-                dst[fw..].fill(0);
-            }
+            // SAFETY: only called after `available()` confirmed AVX512F (see rank_k_update).
+            unsafe { pack_panel(x, kc, n, pairs, p * MR, panel) }
         });
+}
+
+/// One panel of [`pack`]; compiled for AVX-512 so the interleave vectorizes (it is a
+/// measurable share of the work at small n).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn pack_panel(x: &[bf16], kc: usize, n: usize, pairs: usize, f0: usize, panel: &mut [u32]) {
+    let fw = (n - f0).min(MR);
+    for k in 0..pairs {
+        let lo = &x[2 * k * n + f0..2 * k * n + f0 + fw];
+        let dst = &mut panel[k * MR..(k + 1) * MR];
+        if 2 * k + 1 < kc {
+            let hi = &x[(2 * k + 1) * n + f0..(2 * k + 1) * n + f0 + fw];
+            for ((d, a), b) in dst.iter_mut().zip(lo).zip(hi) {
+                *d = u32::from(a.to_bits()) | u32::from(b.to_bits()) << 16;
+            }
+        } else {
+            for (d, a) in dst.iter_mut().zip(lo) {
+                *d = u32::from(a.to_bits());
+            }
+        }
+        dst[fw..].fill(0);
+    }
 }
 
 /// All tiles of the 32-row band `band` on or below the diagonal.
@@ -158,8 +166,7 @@ unsafe fn tile(
         // SAFETY: k < pairs, so a[k·MR .. k·MR + 32] and b[k·MR .. k·MR + NR] are in bounds.
         unsafe {
             let a0: __m512bh = std::mem::transmute(_mm512_loadu_si512(ap.add(k * MR).cast()));
-            let a1: __m512bh =
-                std::mem::transmute(_mm512_loadu_si512(ap.add(k * MR + 16).cast()));
+            let a1: __m512bh = std::mem::transmute(_mm512_loadu_si512(ap.add(k * MR + 16).cast()));
             for (c, accj) in acc.iter_mut().enumerate() {
                 let bj: __m512bh =
                     std::mem::transmute(_mm512_set1_epi32(*bp.add(k * MR + c) as i32));
@@ -176,17 +183,13 @@ unsafe fn tile(
         }
         for (half, &v) in accj.iter().enumerate() {
             let r0 = i0 + 16 * half;
-            // lanes with a row inside H and on or below the diagonal (row >= j)
-            let mut mask: u32 = 0;
-            for l in 0..16 {
-                let r = r0 + l;
-                if r < n && r >= j {
-                    mask |= 1 << l;
-                }
-            }
-            if mask == 0 {
+            // lanes l with a row r0 + l inside H (< n) and on or below the diagonal (>= j)
+            let lo = j.saturating_sub(r0).min(16);
+            let hi = n.saturating_sub(r0).min(16);
+            if lo >= hi {
                 continue;
             }
+            let mask = ((1u32 << hi) - 1) & !((1u32 << lo) - 1);
             // SAFETY: the masked lanes address rows < n of column j < n; masked-off lanes are
             // not accessed. Rows belong to this task's band.
             unsafe {

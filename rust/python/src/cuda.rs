@@ -163,7 +163,13 @@ fn cuda_gptq_solve<'py>(
     guarded("cuda_gptq_solve", || {
         let spec = spec_arg(bits, symmetric, observer, 100, 0.8, 2.4)?;
         let opts = gptq_options_arg(
-            spec, group_size, act_order, static_groups, block_size, damp_percent, damp_growth,
+            spec,
+            group_size,
+            act_order,
+            static_groups,
+            block_size,
+            damp_percent,
+            damp_growth,
             damp_max,
         )?;
         let args = SolveArgs {

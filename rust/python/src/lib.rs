@@ -671,7 +671,13 @@ fn gptq_quantize<'py>(
     guarded("gptq_quantize", || {
         let spec = spec_arg(bits, symmetric, observer, mse_grid, mse_maxshrink, mse_norm)?;
         let opts = gptq_options_arg(
-            spec, group_size, act_order, static_groups, block_size, damp_percent, damp_growth,
+            spec,
+            group_size,
+            act_order,
+            static_groups,
+            block_size,
+            damp_percent,
+            damp_growth,
             damp_max,
         )?;
         let w = array2::<f32>(weight, "weight", "float32")?;
