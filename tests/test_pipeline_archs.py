@@ -165,3 +165,29 @@ def test_quantize_tiny_model(arch: str) -> None:
     assert torch.isfinite(got).all()
     assert (got - ref).pow(2).mean() < (base - ref).pow(2).mean()
     assert model.fq_recipe is recipe and model.fq_report is rep
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_forward_on_every_arch(arch: str) -> None:
+    """``forward_dtype="bfloat16"`` on a float32 model of each architecture: the same layers in
+    the same subsets, float32 weights holding their codes exactly, nothing else touched, and a
+    proxy loss close to the float32 calibration's."""
+    ref, model = _model(arch), _model(arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calib = from_tensors(_ids(6, 32, seed=2))
+    r32 = run_gptq(ref, GPTQ(scheme="W4A16", group_size=16), calib, show_progress=False)
+    r16 = run_gptq(model, GPTQ(scheme="W4A16", group_size=16, forward_dtype="bfloat16"), calib,
+                   show_progress=False)
+    assert [(r.name, r.subset, r.samples) for r in r16] == \
+        [(r.name, r.subset, r.samples) for r in r32]
+    assert r16.total_loss == pytest.approx(r32.total_loss, rel=0.1)
+    names = {r.name for r in r16}
+    for name in names:
+        mod = model.get_submodule(name)
+        w, _ = linear_weight(mod)
+        assert w.dtype == torch.float32 and torch.equal(w, mod.fq_quant.dequantize(w.dtype))
+    after = model.state_dict()
+    for k, v in before.items():
+        assert after[k].dtype == v.dtype, k
+        if k.rsplit(".", 1)[0] not in names or not k.endswith("weight"):
+            assert torch.equal(after[k], v), k
