@@ -207,6 +207,26 @@ def test_bad_arguments(capsys, argv, message):
     assert "Traceback" not in err
 
 
+def test_text_files_jsonl_rows_and_their_errors(tmp_path):
+    good = tmp_path / "ok.jsonl"
+    good.write_text('{"text": "one"}\n\n{"text": "two", "id": 2}\n')
+    assert cli._read_text(good, "text file") == "one\n\ntwo"
+    for name, body, message in [
+        ("notjson.jsonl", '{"text": "a"}\n{oops\n', "notjson.jsonl: line 2 is not valid JSON"),
+        ("nofield.jsonl", '{"text": "a"}\n{"body": "b"}\n', "nofield.jsonl: line 2 has no 'text'"),
+        ("notstr.jsonl", '{"text": 3}\n', "notstr.jsonl: line 1: field 'text' is int"),
+    ]:
+        f = tmp_path / name
+        f.write_text(body)
+        with pytest.raises(cli.UserError, match=re.escape(f"text file {f}") + ".*" +
+                           re.escape(message.split(": ", 1)[1])):
+            cli._read_text(f, "text file")
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"text": "caf\xe9"}\n')
+    with pytest.raises(cli.UserError, match="is not UTF-8 text"):
+        cli._read_text(latin, "text file")
+
+
 @needs_data
 def test_bad_inputs_on_real_paths(capsys, tmp_path, quantized):
     cases = []

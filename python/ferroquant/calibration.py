@@ -230,7 +230,9 @@ def from_texts(texts: Iterable[str] | str, tokenizer: Any, num_samples: int = 12
                   bos=bos, source=source, n_docs=n_docs)
 
 
-def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
+def jsonl_texts(path: Path, text_field: str = "text") -> Iterator[str]:
+    """The ``text_field`` string of every non-blank line of a JSONL file (``ValueError`` naming
+    the file and line otherwise)."""
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -261,7 +263,7 @@ def from_file(path: str | Path, tokenizer: Any, num_samples: int = 128, seq_len:
         raise FileNotFoundError(f"calibration file {str(p)!r} does not exist")
     suffix = p.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        texts: Iterable[str] = _iter_jsonl(p, text_field)
+        texts: Iterable[str] = jsonl_texts(p, text_field)
     elif suffix in (".txt", ".text", ".md", ""):
         texts = [p.read_text(encoding="utf-8")]
     else:

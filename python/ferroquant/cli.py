@@ -171,25 +171,19 @@ def _pick_seq_len(requested: int | None, model: Any, default: int = 2048) -> int
 
 def _read_text(path: Path, what: str) -> str:
     """A text file, or a .jsonl file whose rows' ``text`` fields are joined by blank lines."""
+    from .calibration import jsonl_texts
+
     if path.is_dir():
         raise UserError(f"{what} {path} is a directory, expected a text file")
     try:
-        raw = path.read_text(encoding="utf-8")
+        if path.suffix.lower() in (".jsonl", ".ndjson"):
+            raw = "\n\n".join(jsonl_texts(path))
+        else:
+            raw = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
-        rows = []
-        for i, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{what} {path}: line {i} is not JSON: {e}") from e
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise UserError(f"{what} {path}: line {i} has no string 'text' field")
-            rows.append(row["text"])
-        raw = "\n\n".join(rows)
+    except ValueError as e:  # a JSONL line that is not JSON or has no string 'text' field
+        raise UserError(f"{what} {e}") from e
     if not raw.strip():
         raise UserError(f"{what} {path} is empty")
     return raw
