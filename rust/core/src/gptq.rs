@@ -1133,24 +1133,7 @@ mod tests {
     }
 
     fn chol_lower(a: &[f64], n: usize) -> Vec<f64> {
-        let mut l = vec![0.0; n * n];
-        for j in 0..n {
-            let mut s = a[j * n + j];
-            for k in 0..j {
-                s -= l[j * n + k] * l[j * n + k];
-            }
-            assert!(s > 0.0, "reference Cholesky failed at {j}");
-            let d = s.sqrt();
-            l[j * n + j] = d;
-            for i in j + 1..n {
-                let mut s = a[i * n + j];
-                for k in 0..j {
-                    s -= l[i * n + k] * l[j * n + k];
-                }
-                l[i * n + j] = s / d;
-            }
-        }
-        l
+        crate::linalg::tests::chol_lower_f64(a, n).expect("reference Cholesky failed")
     }
 
     /// (perm, Hinv upper factor) for the reference: dead -> 1, permute, damp, chol, inverse,

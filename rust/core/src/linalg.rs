@@ -386,7 +386,7 @@ pub(crate) mod tests {
     }
 
     /// Naive f64 lower Cholesky; None if not positive definite.
-    fn chol_lower_f64(a: &[f64], n: usize) -> Option<Vec<f64>> {
+    pub(crate) fn chol_lower_f64(a: &[f64], n: usize) -> Option<Vec<f64>> {
         let mut l = vec![0.0; n * n];
         for j in 0..n {
             let mut d = a[j * n + j];
