@@ -754,8 +754,73 @@ fn packed_out<'py, T: Element>(
     }
 }
 
-fn count_arg(arg: &str, v: i64) -> PyResult<usize> {
-    positive_usize(arg, v)
+/// How a packed int32 array relates to the unpacked `[rows, cols]` codes it holds: which
+/// unpacked dimension it keeps as is, and at which end.
+#[derive(Clone, Copy)]
+enum Packed {
+    /// `[packed, rows]`: GPTQ `qweight` (codes packed along the input, stored transposed)
+    RowsLast,
+    /// `[rows, packed]`: GPTQ `qzeros`, compressed-tensors `weight_packed`
+    RowsFirst,
+    /// `[packed, cols]`: compressed-tensors `weight_zero_point` (packed along dim 0)
+    ColsLast,
+}
+
+/// The body every pack binding shares: checks, then `pack(codes, rows, cols, bits)` without the
+/// GIL, then the packed buffer shaped as `layout` says.
+fn pack_binding<'py, T: Element + Sync>(
+    py: Python<'py>,
+    func: &str,
+    (arg, dtype): (&str, &str),
+    codes: &Bound<'py, PyAny>,
+    bits: i64,
+    layout: Packed,
+    pack: impl FnOnce(&[T], usize, usize, u8) -> fq::Result<Vec<i32>> + Send,
+) -> PyResult<Bound<'py, PyArray2<i32>>> {
+    guarded(func, || {
+        let bits = bits_arg(bits)?;
+        let c = array2::<T>(codes, arg, dtype)?;
+        let (rows, cols) = dims(&c);
+        non_empty(arg, (rows, cols))?;
+        let cs = slice(&c, arg)?;
+        let p = compute(py, move || pack(cs, rows, cols, bits)).map_err(to_py_err)?;
+        match layout {
+            Packed::RowsLast => packed_out(py, func, p, rows, true),
+            Packed::RowsFirst => packed_out(py, func, p, rows, false),
+            Packed::ColsLast => packed_out(py, func, p, cols, true),
+        }
+    })
+}
+
+/// The body every unpack binding shares: the packed array's kept dimension (see [`Packed`]) and
+/// the caller's `count` give the unpacked `[rows, cols]`; `unpack(packed, rows, cols, bits)`
+/// runs without the GIL.
+#[allow(clippy::too_many_arguments)]
+fn unpack_binding<'py, T: Element>(
+    py: Python<'py>,
+    func: &str,
+    arg: &str,
+    packed: &Bound<'py, PyAny>,
+    bits: i64,
+    (count_name, count): (&str, i64),
+    layout: Packed,
+    unpack: impl FnOnce(&[i32], usize, usize, u8) -> fq::Result<Vec<T>> + Send,
+) -> PyResult<Bound<'py, PyArray2<T>>> {
+    guarded(func, || {
+        let bits = bits_arg(bits)?;
+        let count = positive_usize(count_name, count)?;
+        let p = array2::<i32>(packed, arg, "int32")?;
+        let (first, last) = dims(&p);
+        non_empty(arg, (first, last))?;
+        let (rows, cols) = match layout {
+            Packed::RowsLast => (last, count),
+            Packed::RowsFirst => (first, count),
+            Packed::ColsLast => (count, last),
+        };
+        let ps = slice(&p, arg)?;
+        let c = compute(py, move || unpack(ps, rows, cols, bits)).map_err(to_py_err)?;
+        out2(py, func, c, rows, cols)
+    })
 }
 
 #[pyfunction]
@@ -764,16 +829,15 @@ fn pack_gptq_qweight<'py>(
     codes: &Bound<'py, PyAny>,
     bits: i64,
 ) -> PyResult<Bound<'py, PyArray2<i32>>> {
-    guarded("pack_gptq_qweight", || {
-        let bits = bits_arg(bits)?;
-        let c = array2::<u8>(codes, "codes", "uint8")?;
-        let (out, inp) = dims(&c);
-        non_empty("codes", (out, inp))?;
-        let cs = slice(&c, "codes")?;
-        let p = compute(py, move || fq::pack::pack_gptq_qweight(cs, out, inp, bits))
-            .map_err(to_py_err)?;
-        packed_out(py, "pack_gptq_qweight", p, out, true)
-    })
+    pack_binding(
+        py,
+        "pack_gptq_qweight",
+        ("codes", "uint8"),
+        codes,
+        bits,
+        Packed::RowsLast,
+        fq::pack::pack_gptq_qweight,
+    )
 }
 
 #[pyfunction]
@@ -783,19 +847,16 @@ fn unpack_gptq_qweight<'py>(
     bits: i64,
     in_features: i64,
 ) -> PyResult<Bound<'py, PyArray2<u8>>> {
-    guarded("unpack_gptq_qweight", || {
-        let bits = bits_arg(bits)?;
-        let inp = count_arg("in_features", in_features)?;
-        let q = array2::<i32>(qweight, "qweight", "int32")?;
-        let (_, out) = dims(&q);
-        non_empty("qweight", dims(&q))?;
-        let qs = slice(&q, "qweight")?;
-        let c = compute(py, move || {
-            fq::pack::unpack_gptq_qweight(qs, out, inp, bits)
-        })
-        .map_err(to_py_err)?;
-        out2(py, "unpack_gptq_qweight", c, out, inp)
-    })
+    unpack_binding(
+        py,
+        "unpack_gptq_qweight",
+        "qweight",
+        qweight,
+        bits,
+        ("in_features", in_features),
+        Packed::RowsLast,
+        fq::pack::unpack_gptq_qweight,
+    )
 }
 
 #[pyfunction]
@@ -806,18 +867,15 @@ fn pack_gptq_qzeros<'py>(
     bits: i64,
     v1: bool,
 ) -> PyResult<Bound<'py, PyArray2<i32>>> {
-    guarded("pack_gptq_qzeros", || {
-        let bits = bits_arg(bits)?;
-        let z = array2::<i32>(zeros, "zeros", "int32")?;
-        let (ng, out) = dims(&z);
-        non_empty("zeros", (ng, out))?;
-        let zs = slice(&z, "zeros")?;
-        let p = compute(py, move || {
-            fq::pack::pack_gptq_qzeros(zs, ng, out, bits, v1)
-        })
-        .map_err(to_py_err)?;
-        packed_out(py, "pack_gptq_qzeros", p, ng, false)
-    })
+    pack_binding(
+        py,
+        "pack_gptq_qzeros",
+        ("zeros", "int32"),
+        zeros,
+        bits,
+        Packed::RowsFirst,
+        move |z: &[i32], ng, out, b| fq::pack::pack_gptq_qzeros(z, ng, out, b, v1),
+    )
 }
 
 #[pyfunction]
@@ -829,19 +887,16 @@ fn unpack_gptq_qzeros<'py>(
     out_features: i64,
     v1: bool,
 ) -> PyResult<Bound<'py, PyArray2<i32>>> {
-    guarded("unpack_gptq_qzeros", || {
-        let bits = bits_arg(bits)?;
-        let out = count_arg("out_features", out_features)?;
-        let q = array2::<i32>(qzeros, "qzeros", "int32")?;
-        let (ng, _) = dims(&q);
-        non_empty("qzeros", dims(&q))?;
-        let qs = slice(&q, "qzeros")?;
-        let z = compute(py, move || {
-            fq::pack::unpack_gptq_qzeros(qs, ng, out, bits, v1)
-        })
-        .map_err(to_py_err)?;
-        out2(py, "unpack_gptq_qzeros", z, ng, out)
-    })
+    unpack_binding(
+        py,
+        "unpack_gptq_qzeros",
+        "qzeros",
+        qzeros,
+        bits,
+        ("out_features", out_features),
+        Packed::RowsFirst,
+        move |q: &[i32], ng, out, b| fq::pack::unpack_gptq_qzeros(q, ng, out, b, v1),
+    )
 }
 
 #[pyfunction]
@@ -850,16 +905,15 @@ fn pack_ct_weight<'py>(
     codes: &Bound<'py, PyAny>,
     bits: i64,
 ) -> PyResult<Bound<'py, PyArray2<i32>>> {
-    guarded("pack_ct_weight", || {
-        let bits = bits_arg(bits)?;
-        let c = array2::<u8>(codes, "codes", "uint8")?;
-        let (out, inp) = dims(&c);
-        non_empty("codes", (out, inp))?;
-        let cs = slice(&c, "codes")?;
-        let p =
-            compute(py, move || fq::pack::pack_ct_weight(cs, out, inp, bits)).map_err(to_py_err)?;
-        packed_out(py, "pack_ct_weight", p, out, false)
-    })
+    pack_binding(
+        py,
+        "pack_ct_weight",
+        ("codes", "uint8"),
+        codes,
+        bits,
+        Packed::RowsFirst,
+        fq::pack::pack_ct_weight,
+    )
 }
 
 #[pyfunction]
@@ -869,17 +923,16 @@ fn unpack_ct_weight<'py>(
     bits: i64,
     in_features: i64,
 ) -> PyResult<Bound<'py, PyArray2<u8>>> {
-    guarded("unpack_ct_weight", || {
-        let bits = bits_arg(bits)?;
-        let inp = count_arg("in_features", in_features)?;
-        let p = array2::<i32>(packed, "packed", "int32")?;
-        let (out, _) = dims(&p);
-        non_empty("packed", dims(&p))?;
-        let ps = slice(&p, "packed")?;
-        let c = compute(py, move || fq::pack::unpack_ct_weight(ps, out, inp, bits))
-            .map_err(to_py_err)?;
-        out2(py, "unpack_ct_weight", c, out, inp)
-    })
+    unpack_binding(
+        py,
+        "unpack_ct_weight",
+        "packed",
+        packed,
+        bits,
+        ("in_features", in_features),
+        Packed::RowsFirst,
+        fq::pack::unpack_ct_weight,
+    )
 }
 
 #[pyfunction]
@@ -888,16 +941,15 @@ fn pack_ct_zero_point<'py>(
     zeros: &Bound<'py, PyAny>,
     bits: i64,
 ) -> PyResult<Bound<'py, PyArray2<i32>>> {
-    guarded("pack_ct_zero_point", || {
-        let bits = bits_arg(bits)?;
-        let z = array2::<u8>(zeros, "zeros", "uint8")?;
-        let (out, ng) = dims(&z);
-        non_empty("zeros", (out, ng))?;
-        let zs = slice(&z, "zeros")?;
-        let p = compute(py, move || fq::pack::pack_ct_zero_point(zs, out, ng, bits))
-            .map_err(to_py_err)?;
-        packed_out(py, "pack_ct_zero_point", p, ng, true)
-    })
+    pack_binding(
+        py,
+        "pack_ct_zero_point",
+        ("zeros", "uint8"),
+        zeros,
+        bits,
+        Packed::ColsLast,
+        fq::pack::pack_ct_zero_point,
+    )
 }
 
 #[pyfunction]
@@ -907,19 +959,16 @@ fn unpack_ct_zero_point<'py>(
     bits: i64,
     out_features: i64,
 ) -> PyResult<Bound<'py, PyArray2<u8>>> {
-    guarded("unpack_ct_zero_point", || {
-        let bits = bits_arg(bits)?;
-        let out = count_arg("out_features", out_features)?;
-        let p = array2::<i32>(packed, "packed", "int32")?;
-        let (_, ng) = dims(&p);
-        non_empty("packed", dims(&p))?;
-        let ps = slice(&p, "packed")?;
-        let z = compute(py, move || {
-            fq::pack::unpack_ct_zero_point(ps, out, ng, bits)
-        })
-        .map_err(to_py_err)?;
-        out2(py, "unpack_ct_zero_point", z, out, ng)
-    })
+    unpack_binding(
+        py,
+        "unpack_ct_zero_point",
+        "packed",
+        packed,
+        bits,
+        ("out_features", out_features),
+        Packed::ColsLast,
+        fq::pack::unpack_ct_zero_point,
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
