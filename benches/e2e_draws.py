@@ -93,7 +93,8 @@ def summary() -> str:
         f"{cfg.get('max_windows')}"),
         ("- both GPTQ runs: symmetric int4, group 64, minmax scales, actorder static, dampening "
         "0.01, block 128 (see `e2e-smollm2.md`); both tools are deterministic for a given draw"),
-        "- written by `benches/e2e_draws.py` from `e2e-smollm2-draws.json`", "",
+        "- written by `benches/e2e_draws.py` from `e2e-smollm2-draws.json`",
+        *[f"- note: {n}" for n in raw.get("notes", [])], "",
         "| method | draw " + " | ".join(draws) + " | mean | sd |",
         "|---|" + "---:|" * (len(draws) + 2),
     ]
