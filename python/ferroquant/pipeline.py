@@ -435,6 +435,14 @@ class _Target:
             self.live = self.module
 
 
+def _write_weight(t: _Target, w: torch.Tensor) -> None:
+    """Writes ``w`` (in the module's own weight layout) into the model's module and, while the
+    block runs as a ``forward_dtype`` copy, into the copy's module too, each in its own dtype."""
+    for m in (t.module,) if t.live is t.module else (t.module, t.live):
+        target = m.weight.data
+        target.copy_(w.to(device=target.device, dtype=target.dtype))
+
+
 def _targets_in(root: nn.Module, prefix: str, recipe: GPTQ, groups: dict[str, Any],
                 in_block: bool, skip: Callable[[str], bool] = lambda _: False) -> list[_Target]:
     out = []
@@ -505,10 +513,7 @@ def _solve_inner(t: _Target, recipe: GPTQ, block: int, subset: int, report_rtn_l
     if not diff <= tol:
         raise RuntimeError(f"layer {t.name!r}: the solver's dequantized weight differs from "
                            f"scale*(code-zero) by {diff:.3g}; codes/scales/zeros are inconsistent")
-    new = deq.t() if transposed else deq
-    for m in {id(t.module): t.module, id(t.live): t.live}.values():
-        target = m.weight.data
-        target.copy_(new.to(device=target.device, dtype=target.dtype))
+    _write_weight(t, deq.t() if transposed else deq)
     setattr(t.module, ATTR, qw)
     t.acc = None  # free the Hessian
     return LayerReport(
@@ -902,9 +907,7 @@ def _quantize_block_batched(i: int, bname: str, block: nn.Module, targets: list[
         reports = op.finish()
     except _Unbatchable:
         for t in targets:  # undo what was solved before the block turned out not batchable
-            t.module.weight.data.copy_(saved[id(t.module)])
-            if t.live is not t.module:
-                t.live.weight.data.copy_(t.module.weight.data)
+            _write_weight(t, saved[id(t.module)])
             t.acc = None
             if ATTR in t.module.__dict__:
                 delattr(t.module, ATTR)
