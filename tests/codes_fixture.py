@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from shared_data import STORIES, TEXT  # noqa: E402
-from tiny_models import random_ids, tiny_lm  # noqa: E402
+from shared_data import STORIES, TEXT
+from tiny_models import random_ids, tiny_lm
 
 # name -> (model, recipe dict, calibration, batched)
 CASES: dict[str, dict[str, Any]] = {
