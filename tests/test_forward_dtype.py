@@ -17,10 +17,10 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from ferroquant import pipeline
+from ferroquant.api import quantize as run_gptq
 from ferroquant.calibration import from_tensors
 from ferroquant.config import GPTQ
-from ferroquant.pipeline import run_gptq
+from ferroquant.pipeline import SequentialPipeline
 from tiny_models import ToyLM, random_ids, tiny_lm
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -134,14 +134,14 @@ def test_rollback_restores_the_bf16_copy_too(monkeypatch) -> None:
     # batched=True: fc1 and fc2 are solved, then fc2's second call forces a rollback to the
     # per-sample path, which must start from the float weights in the bf16 copy as well
     seen: list[bool] = []
-    real = pipeline._quantize_block
+    real = SequentialPipeline._fallback
 
-    def spy(i, bname, block, targets, *args, **kw):
+    def spy(self, i, bname, runner, targets, *args, **kw):
         seen.extend(torch.equal(t.live.weight, float_w[t.name]) and t.live.weight.dtype ==
                     torch.bfloat16 and t.live is not t.module for t in targets)
-        return real(i, bname, block, targets, *args, **kw)
+        return real(self, i, bname, runner, targets, *args, **kw)
 
-    monkeypatch.setattr(pipeline, "_quantize_block", spy)
+    monkeypatch.setattr(SequentialPipeline, "_fallback", spy)
     ra = run_gptq(a, recipe, _calib(), show_progress=False, batched=True)
     assert seen == [True] * 4
     rb = run_gptq(b, recipe, _calib(), show_progress=False, batched=False)

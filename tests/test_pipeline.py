@@ -13,7 +13,7 @@ from ferroquant import calibration, solver
 from ferroquant.api import quantize
 from ferroquant.blocks import linear_weight
 from ferroquant.config import GPTQ
-from ferroquant.pipeline import LayerReport, QuantizationReport
+from ferroquant.report import LayerReport, QuantizationReport
 from shared_data import DATA
 
 MODEL = DATA / "models" / "stories260K"

@@ -12,10 +12,12 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from ferroquant import solver
+from ferroquant.api import quantize as run_gptq
 from ferroquant.blocks import find_blocks, is_quantizable, linear_weight
 from ferroquant.calibration import from_tensors
+from ferroquant.calls import call_block as _call_block
+from ferroquant.calls import capture_block_inputs
 from ferroquant.config import GPTQ
-from ferroquant.pipeline import _call_block, capture_block_inputs, run_gptq
 
 VOCAB = 96
 IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}

@@ -16,10 +16,11 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from ferroquant import pipeline
+from ferroquant import memory
+from ferroquant.api import quantize as run_gptq
 from ferroquant.calibration import CalibrationSet, from_tensors
+from ferroquant.calls import NonFiniteActivationError
 from ferroquant.config import GPTQ
-from ferroquant.pipeline import NonFiniteActivationError, run_gptq
 from tiny_models import ToyLM, random_ids, tiny_lm
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -120,16 +121,16 @@ def test_auto_mode_respects_memory(monkeypatch) -> None:
     calib = from_tensors(random_ids(3, 16, seed=6))
     rep = run_gptq(tiny_lm("llama"), GPTQ(group_size=16), calib, show_progress=False)
     assert rep.block_paths == ["batched"] * 2
-    monkeypatch.setattr(pipeline, "_available_memory", lambda dev: 1 << 16)
+    monkeypatch.setattr(memory, "available_memory", lambda dev: 1 << 16)
     rep = run_gptq(tiny_lm("llama"), GPTQ(group_size=16), calib, show_progress=False)
     assert rep.block_paths == ["per-sample"] * 2
 
 
 def test_chunks_when_all_samples_do_not_fit(monkeypatch) -> None:
     # budget (half the "available" memory) for 2 of 5 samples: subset passes over chunks
-    monkeypatch.setattr(pipeline, "_batch_bytes",
+    monkeypatch.setattr(memory, "batch_bytes",
                         lambda blocks, hiddens, heads: 1000 * len(hiddens))
-    monkeypatch.setattr(pipeline, "_available_memory", lambda dev: 4 * 1000 + 1)
+    monkeypatch.setattr(memory, "available_memory", lambda dev: 4 * 1000 + 1)
     ids = random_ids(5, 24, seed=7)
     m = tiny_lm("llama")
     ref = copy.deepcopy(m)

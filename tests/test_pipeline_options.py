@@ -12,16 +12,14 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from ferroquant import pipeline, solver
+from ferroquant import engines, solver
 from ferroquant.api import quantize
+from ferroquant.api import quantize as run_gptq
 from ferroquant.blocks import BlockDiscoveryError, find_blocks
 from ferroquant.calibration import from_tensors
+from ferroquant.calls import NonFiniteActivationError
 from ferroquant.config import GPTQ
-from ferroquant.pipeline import (
-    NonFiniteActivationError,
-    UnreachedLayerError,
-    run_gptq,
-)
+from ferroquant.modifiers import UnreachedLayerError
 
 VOCAB = 96
 
@@ -319,12 +317,12 @@ def test_shared_hessians_equal_per_module_hessians(monkeypatch) -> None:
     # accumulator per group there unless the grouping is switched off as below
     ra = _run(a, GPTQ(group_size=16), batched=False)
 
-    real_init = pipeline._SubsetPass.__init__
+    real_init = engines._SubsetPass.__init__
 
     def unshared(self, groups, label, share):
         real_init(self, groups, label, False)
 
-    monkeypatch.setattr(pipeline._SubsetPass, "__init__", unshared)
+    monkeypatch.setattr(engines._SubsetPass, "__init__", unshared)
     rb = _run(b, GPTQ(group_size=16), batched=False)
     for x, y in zip(ra, rb):
         assert x.name == y.name and x.samples == y.samples and x.loss == y.loss

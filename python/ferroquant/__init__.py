@@ -11,15 +11,12 @@ The public surface is small::
 from . import calibration
 from .api import quantize
 from .blocks import BlockDiscoveryError
+from .calls import NonFiniteActivationError
 from .config import GPTQ, PRESET_SCHEMES, QuantizationArgs, QuantizationScheme
 from .formats import CheckpointError, convert, load, save
+from .modifiers import GPTQModifier, QuantizationModifier, UnreachedLayerError
 from .nn import QuantLinear
-from .pipeline import (
-    LayerReport,
-    NonFiniteActivationError,
-    QuantizationReport,
-    UnreachedLayerError,
-)
+from .report import LayerReport, QuantizationReport
 
 __version__ = "0.1.0"
 
@@ -28,10 +25,12 @@ __all__ = [
     "PRESET_SCHEMES",
     "BlockDiscoveryError",
     "CheckpointError",
+    "GPTQModifier",
     "LayerReport",
     "NonFiniteActivationError",
     "QuantLinear",
     "QuantizationArgs",
+    "QuantizationModifier",
     "QuantizationReport",
     "QuantizationScheme",
     "UnreachedLayerError",

@@ -3,16 +3,44 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from .calibration import CalibrationSet, from_tensors
 from .config import GPTQ
-from .pipeline import QuantizationReport, run_gptq
+from .modifiers import GPTQModifier, Modifier, QuantizationModifier
+from .pipeline import SequentialPipeline
+from .report import QuantizationReport
 
 __all__ = ["quantize"]
+
+METHODS = ("gptq", "rtn")
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _checkpoint_plan(model: nn.Module, recipe: GPTQ, format: str | None,
+                     checkpoint_format: str | None, hint: Literal["api", "cli"]
+                     ) -> tuple[dict[str, Any], str | None]:
+    """What the checkpoint will be (format, GPTQ version, scale dtype), checked against every
+    target layer before any calibration work; and a note to show the user, if any."""
+    if format is None:
+        # no format named: scales stay in the model's dtype (compressed-tensors' rule)
+        return {"format": None, "checkpoint_format": None,
+                "scale_dtype": _model_dtype(model)}, None
+    from .formats import feasibility
+
+    layers = feasibility.target_layers(model, recipe)
+    fmt = feasibility.normalize_format(format)
+    ckpt, note = feasibility.resolve_checkpoint_format(
+        fmt, checkpoint_format, any(a.symmetric is False for *_, a, _ in layers))
+    feasibility.check_feasible(layers, fmt, ckpt, hint=hint)
+    return {"format": fmt, "checkpoint_format": ckpt,
+            "scale_dtype": feasibility.scale_dtype_for(fmt, ckpt, _model_dtype(model))}, note
 
 
 def quantize(
@@ -20,12 +48,16 @@ def quantize(
     recipe: GPTQ | dict[str, Any] | str | Path,
     calibration: CalibrationSet | torch.Tensor | list[torch.Tensor],
     *,
-    device: str | torch.device | None = "cpu",
+    method: Literal["gptq", "rtn"] = "gptq",
+    format: str | None = None,
+    checkpoint_format: str | None = None,
+    device: str | torch.device | None = "auto",
     show_progress: bool = True,
     report_rtn_loss: bool = False,
     batched: bool | None = None,
+    _hint: Literal["api", "cli"] = "api",
 ) -> QuantizationReport:
-    """GPTQ-quantizes ``model`` in place, block by block.
+    """Quantizes ``model`` in place, block by block.
 
     Args:
         model: a Hugging Face causal LM (or any model whose decoder blocks sit in an
@@ -34,10 +66,21 @@ def quantize(
             a YAML/JSON recipe file.
         calibration: a :class:`CalibrationSet` (see :mod:`ferroquant.calibration`), or token ids
             (a ``[n, L]`` tensor or a list of tensors) used as they are.
-        device: where each block is moved while it is quantized (``"cpu"``, ``"cuda"``,
-            ``"cuda:1"``, or ``"auto"``: the GPU the model sits on, else the CPU); blocks not
-            being quantized stay where they are. On a GPU the Hessians and the solve run on it
-            through ferroquant's CUDA core when it loads (torch's CPU copy otherwise).
+        method: ``"gptq"`` (the :class:`~ferroquant.modifiers.GPTQModifier`) or ``"rtn"``
+            (round-to-nearest with the recipe's observer, no Hessian:
+            :class:`~ferroquant.modifiers.QuantizationModifier`).
+        format: the checkpoint format this model will be saved in (``"gptq"`` or
+            ``"compressed-tensors"``). Given, every target layer is checked against it before
+            any calibration work, and scales are rounded to the dtype that format stores them
+            in (GPTQ: float16; compressed-tensors: the model's dtype) *before* codes are chosen,
+            so the saved checkpoint is exactly the solved model. None: scales in the model's
+            dtype, no format check.
+        checkpoint_format: GPTQ only: ``"v1"`` or ``"v2"``; default v1, or v2 when a scheme is
+            asymmetric (v1 cannot store a zero point of 0).
+        device: where each block is moved while it is quantized (``"auto"``: where the model
+            sits; ``"cpu"``, ``"cuda"``, ``"cuda:1"``); blocks not being quantized stay where
+            they are. On a GPU the Hessians and the solve run on it through ferroquant's CUDA
+            core when it loads (the CPU core otherwise, with a warning).
         show_progress: a progress bar over the blocks and the per-layer table printed at the end.
         report_rtn_loss: also compute each layer's round-to-nearest proxy loss on the same
             Hessian (a little extra time), for a per-layer GPTQ-vs-RTN comparison.
@@ -47,19 +90,34 @@ def quantize(
 
     Returns:
         The per-layer report (also ``model.fq_report``); the recipe is stored as
-        ``model.fq_recipe``, and every quantized module carries ``module.fq_quant``
-        (:class:`ferroquant.quantized.QuantizedWeight`) with its weight replaced by the
-        dequantized values.
+        ``model.fq_recipe`` and the checkpoint plan as ``model.fq_target``, and every quantized
+        module carries ``module.fq_quant`` (:class:`ferroquant.quantized.QuantizedWeight`)
+        with its weight replaced by the dequantized values.
     """
     r = GPTQ.coerce(recipe)
+    if method not in METHODS:
+        raise ValueError(f"method {method!r}: expected one of {', '.join(METHODS)}")
     if not isinstance(calibration, CalibrationSet):
         if isinstance(calibration, (torch.Tensor, list, tuple)):
             calibration = from_tensors(calibration)
         else:
             raise TypeError("calibration must be a CalibrationSet or token-id tensors, got "
                             f"{type(calibration).__name__}")
-    report = run_gptq(model, r, calibration, device=device, show_progress=show_progress,
-                      report_rtn_loss=report_rtn_loss, batched=batched)
+    if len(calibration) == 0:
+        raise ValueError("the calibration set is empty")
+    target, note = _checkpoint_plan(model, r, format, checkpoint_format, _hint)
+    if note and show_progress:
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"note: {note}")
+    modifier: Modifier = (
+        GPTQModifier(r, report_rtn_loss=report_rtn_loss, scale_dtype=target["scale_dtype"])
+        if method == "gptq" else QuantizationModifier(r, scale_dtype=target["scale_dtype"]))
+    pipeline = SequentialPipeline(model, [modifier], device=device, show_progress=show_progress,
+                                  batched=batched, forward_dtype=r.forward_dtype,
+                                  sequential_targets=r.sequential_targets)
+    report = pipeline.run(calibration)
+    model.fq_target = target
     if show_progress:
         from tqdm.auto import tqdm
 
