@@ -90,17 +90,57 @@ def test_padding_masks_that_differ_are_stacked() -> None:
     _assert_same(a, ra, b, rb)
 
 
-def test_different_lengths_fall_back_to_per_sample() -> None:
+def _hessians(monkeypatch, model: nn.Module, calib: CalibrationSet, **kw) -> tuple[dict, list]:
+    """Every layer's Hessian (and token count) as the GPTQ modifier solves it."""
+    from ferroquant.modifiers import GPTQModifier
+
+    seen: dict[str, tuple[torch.Tensor, int]] = {}
+    real = GPTQModifier.on_module_ready
+
+    def spy(self, t, subset):
+        seen[t.name] = (t.state.hessian().clone(), t.state.samples)
+        return real(self, t, subset)
+
+    monkeypatch.setattr(GPTQModifier, "on_module_ready", spy)
+    rep = run_gptq(model, GPTQ(group_size=16), calib, show_progress=False, **kw)
+    monkeypatch.undo()
+    return seen, rep.block_paths
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_ragged_samples_are_padded_into_one_batched_pass(monkeypatch, arch: str) -> None:
     ids = random_ids(3, 32, seed=4)
     calib = from_tensors([ids[0:1, :32], ids[1:2, :20], ids[2:3, :27]])
-    a, ra, b, rb = _run_both(tiny_lm("llama"), GPTQ(group_size=16), calib)
-    assert all(p.startswith("per-sample (") and "shapes" in p for p in ra.block_paths)
-    _assert_same(a, ra, b, rb)
-    assert ra[0].samples == 32 + 20 + 27
-    # auto mode does not even try
-    m = tiny_lm("llama")
-    rep = run_gptq(m, GPTQ(group_size=16), calib, show_progress=False)
-    assert rep.block_paths == ["per-sample"] * 2
+    model = tiny_lm(arch)
+    ha, paths_a = _hessians(monkeypatch, copy.deepcopy(model), calib)  # auto: padded, batched
+    hb, paths_b = _hessians(monkeypatch, copy.deepcopy(model), calib, batched=False)
+    assert paths_a == ["batched"] * 2 and paths_b == ["per-sample"] * 2
+    assert sorted(ha) == sorted(hb)
+    for name, (h, n) in ha.items():
+        # pad positions reach no Hessian: the same tokens, the same sums up to float rounding
+        # (attention over a padded length sums in another order)
+        assert n == hb[name][1] == 32 + 20 + 27, name
+        torch.testing.assert_close(h, hb[name][0], rtol=1e-4, atol=1e-6, msg=name)
+    # the first layers see the embeddings' norm: row-wise arithmetic, identical
+    first = next(iter(ha))
+    assert torch.equal(ha[first][0], hb[first][0])
+
+
+def test_ragged_samples_on_a_padded_batch_fall_back_as_one_call() -> None:
+    # a block that cannot take the one-pass path keeps the padded batch as one call
+    torch.manual_seed(0)
+    ids = random_ids(3, 16, seed=5)
+    calib = from_tensors([ids[0:1, :16], ids[1:2, :9], ids[2:3, :12]])
+    model = ToyLM()
+    ref = copy.deepcopy(model)
+    recipe = GPTQ(group_size=16, ignore=["head"])
+    ra = run_gptq(model, recipe, calib, show_progress=False, batched=True)
+    rb = run_gptq(ref, recipe, calib, show_progress=False, batched=False)
+    assert all(p.startswith("chunks of 3 (") and "runs more than once" in p
+               for p in ra.block_paths)
+    for x, y in zip(ra, rb):
+        assert x.samples == y.samples == 16 + 9 + 12
+        assert abs(x.loss - y.loss) <= 1e-4 * abs(y.loss), x.name
 
 
 def test_module_called_twice_rolls_back_and_falls_back() -> None:

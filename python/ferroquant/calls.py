@@ -8,7 +8,7 @@ disabled (``use_cache=False``, cache objects replaced by ``None``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +32,7 @@ __all__ = [
     "first_device",
     "forward_model",
     "model_inputs",
+    "padded_samples",
     "to_device",
 ]
 
@@ -153,7 +154,8 @@ def forward_model(model: nn.Module, inputs: dict[str, Any]) -> Any:
         return model(**inputs)
 
 
-def capture_block_inputs(model: nn.Module, blocks: Blocks, calib: CalibrationSet,
+def capture_block_inputs(model: nn.Module, blocks: Blocks,
+                         calib: Iterable[dict[str, torch.Tensor]],
                          hooks: HookRegistry | None = None,
                          ) -> tuple[list[torch.Tensor], list[list[Call]]]:
     """Block-0 hidden states per sample and every block's call (args/kwargs) per sample.
@@ -206,6 +208,19 @@ def capture_block_inputs(model: nn.Module, blocks: Blocks, calib: CalibrationSet
     for s, h in enumerate(hiddens):
         check_finite(h, f"the embeddings (input of block {blocks.names[0]!r}) for sample {s}")
     return hiddens, calls
+
+
+def padded_samples(calib: CalibrationSet, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """All calibration samples as one right-padded batch (``input_ids`` and ``attention_mask``
+    ``[n, longest]``): real tokens keep their positions and, under a causal mask, never see a
+    pad, so their activations are those of the sample run alone."""
+    n, longest = len(calib), max(int(x.shape[-1]) for x in calib.input_ids)
+    ids = torch.full((n, longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, longest), dtype=torch.long)
+    for s, (x, m) in enumerate(zip(calib.input_ids, calib.attention_mask)):
+        ids[s, :x.shape[-1]] = x[0]
+        mask[s, :m.shape[-1]] = m[0]
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 class Unbatchable(Exception):

@@ -28,9 +28,28 @@ from .hooks import HookRegistry, StopForward
 from .modifiers.base import Target
 from .report import LayerReport
 
-__all__ = ["OnePass", "calibrate_subsets", "execution_groups", "finish_unfired"]
+__all__ = ["OnePass", "calibrate_subsets", "execution_groups", "finish_unfired", "sample_rows"]
 
 logger = logging.getLogger("ferroquant")
+
+
+def sample_rows(x: torch.Tensor, n_samples: int, lengths: list[int] | None
+                ) -> list[torch.Tensor]:
+    """A module's input for ``n_samples`` samples stacked along dim 0, as one ``[tokens,
+    features]`` view per sample in order. ``lengths``: the real tokens of each sample when the
+    samples were right-padded to one length (pad positions never reach a statistic)."""
+    rows = x.detach().reshape(-1, x.shape[-1])
+    if lengths is not None:
+        # [n, longest, f], or flattened to [n * longest, f] (OPT's MLP)
+        per = rows.shape[0] // n_samples
+        if per * n_samples != rows.shape[0] or per < max(lengths):
+            raise RuntimeError(f"an input of {rows.shape[0]} tokens cannot be split into "
+                               f"{n_samples} padded samples of up to {max(lengths)} tokens")
+        by_sample = rows.view(n_samples, per, rows.shape[-1])
+        return [by_sample[s, :n] for s, n in enumerate(lengths)]
+    if n_samples > 1 and rows.shape[0] % n_samples == 0:
+        return list(rows.split(rows.shape[0] // n_samples))
+    return [rows]
 
 
 def _shareable(a: Target, b: Target) -> bool:
@@ -48,8 +67,9 @@ class OnePass:
     rolls the block back and takes the fallback path."""
 
     def __init__(self, targets: list[Target], label: str, solve_now: bool,
-                 n_samples: int) -> None:
+                 n_samples: int, lengths: list[int] | None = None) -> None:
         self.n_samples = n_samples
+        self.lengths = lengths
         self.by_id = {id(t.live): t for t in targets}
         self.label = label
         self.solve_now = solve_now
@@ -81,7 +101,8 @@ class OnePass:
         else:
             self.subset += 1
             state = t.modifier.new_state(t, x)
-            t.modifier.add_inputs(t, state, x, self.label, self.n_samples)
+            t.modifier.add_inputs(t, state, sample_rows(x, self.n_samples, self.lengths),
+                                  self.label)
             self.last = (x, t, state)
         t.state = state
         self.fired_ids.add(id(module))
@@ -125,6 +146,7 @@ class _SubsetPass:
 
     def __init__(self, groups: list[list[Target]], label: str, share: bool) -> None:
         self.parts = 1  # samples stacked in the current call (chunked runs)
+        self.lengths: list[int] | None = None  # their real lengths, when right-padded
         self.groups = groups
         self.targets = [t for g in groups for t in g]
         self.label = label
@@ -177,14 +199,16 @@ class _SubsetPass:
                     if gi not in self.shared_state:
                         self.shared_state[gi] = t.modifier.new_state(t, x)
                     self.group_x[gi] = x
-                    t.modifier.add_inputs(t, self.shared_state[gi], x, self.label, self.parts)
+                    t.modifier.add_inputs(t, self.shared_state[gi],
+                                          sample_rows(x, self.parts, self.lengths), self.label)
                 elif gx is not x:
                     self._diverge()
                 t.state = self.shared_state[gi]
             else:
                 if t.state is None:
                     t.state = t.modifier.new_state(t, x)
-                t.modifier.add_inputs(t, t.state, x, self.label, self.parts)
+                t.modifier.add_inputs(t, t.state, sample_rows(x, self.parts, self.lengths),
+                                      self.label)
             self.fired.add(key)
             if len(self.fired) == len(self.targets):
                 raise StopForward
@@ -193,10 +217,12 @@ class _SubsetPass:
 
 
 def calibrate_subsets(groups: list[list[Target]], label: str, run: Callable[[int], None],
-                      n_calls: int, hooks: HookRegistry, sizes: list[int] | None = None) -> None:
+                      n_calls: int, hooks: HookRegistry, sizes: list[int] | None = None,
+                      lengths: list[list[int] | None] | None = None) -> None:
     """Runs ``run(call)`` for every call under the subset's hooks (sharing statistics within
     groups, redone without sharing if a group does not hold). ``sizes``: how many samples
-    each call stacks, when they are chunks of samples."""
+    each call stacks, when they are chunks of samples; ``lengths``: per call, the samples'
+    real lengths when they are right-padded."""
     for share in (True, False):
         sp = _SubsetPass(groups, label, share)
         sp.install(hooks)
@@ -204,6 +230,7 @@ def calibrate_subsets(groups: list[list[Target]], label: str, run: Callable[[int
             for s in range(n_calls):
                 sp.start_sample()
                 sp.parts = sizes[s] if sizes else 1
+                sp.lengths = lengths[s] if lengths else None
                 try:
                     run(s)
                 except StopForward:

@@ -47,8 +47,8 @@ def batch_bytes(blocks: Blocks, hiddens: list[torch.Tensor], heads: int | None) 
     """Rough peak activation memory of one block pass over all samples stacked: a few live
     tensors as wide as the widest layer, plus attention scores should the attention kernel
     materialize them."""
-    n = len(hiddens)
-    seq, d = int(hiddens[0].shape[-2]), int(hiddens[0].shape[-1])
+    n = sum(int(h.shape[0]) for h in hiddens)
+    seq, d = max(int(h.shape[-2]) for h in hiddens), int(hiddens[0].shape[-1])
     el = hiddens[0].element_size()
     width = d
     for b in blocks.modules:
@@ -61,8 +61,9 @@ def batch_bytes(blocks: Blocks, hiddens: list[torch.Tensor], heads: int | None) 
 
 def batching_plan(model: nn.Module, blocks: Blocks, hiddens: list[torch.Tensor],
                    dev: torch.device, batched: bool | None) -> tuple[int, str]:
-    """(samples stacked per block call, why) for this run: all of them = the one-pass path;
-    fewer = the subset-by-subset path over chunks; 1 = sample by sample."""
+    """(samples stacked per block call, why) for this run: all of them = the one-pass path
+    (samples of different lengths right-padded to the longest); fewer = the subset-by-subset
+    path over chunks; 1 = sample by sample."""
     n = len(hiddens)
     if batched is not None:
         return (n, "batched=True") if batched else (1, "batched=False")
@@ -71,8 +72,6 @@ def batching_plan(model: nn.Module, blocks: Blocks, hiddens: list[torch.Tensor],
         # stacking samples assumes the block treats batch rows independently, which holds
         # for transformers' decoder layers; arbitrary modules may branch on their input
         return 1, "not a transformers model (pass batched=True to stack samples anyway)"
-    if len({tuple(h.shape) for h in hiddens}) != 1:
-        return 1, "samples of different lengths"
     need = batch_bytes(blocks, hiddens, attention_heads(model))
     avail = available_memory(dev)
     gib = 1 << 30
@@ -80,5 +79,10 @@ def batching_plan(model: nn.Module, blocks: Blocks, hiddens: list[torch.Tensor],
         budget, have = 2 * gib, "free memory unknown, limit 2 GiB"
     else:
         budget, have = avail // 2, f"{avail / gib:.1f} GiB available, limit half"
+    ragged = len({tuple(h.shape) for h in hiddens}) != 1
+    if ragged and need > budget:
+        return 1, (f"samples of different lengths: ~{need / gib:.2f} GiB of activations padded "
+                   f"to the longest, {have}")
     k = n if need <= budget else max(1, min(n - 1, int(n * budget // max(need, 1))))
-    return k, f"~{need / gib:.2f} GiB of activations for all samples, {have}"
+    return k, (f"~{need / gib:.2f} GiB of activations for all samples"
+               f"{' (padded to the longest)' if ragged else ''}, {have}")

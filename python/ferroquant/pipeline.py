@@ -48,6 +48,7 @@ from .calls import (
     first_device,
     forward_model,
     model_inputs,
+    padded_samples,
     to_device,
 )
 from .engines import OnePass, calibrate_subsets, execution_groups
@@ -78,6 +79,8 @@ class _Flow:
     hiddens: list[torch.Tensor]
     stacked: torch.Tensor | None = None
     paths: list[str] = field(default_factory=list)
+    # samples of different lengths run as ONE right-padded entry: each sample's real length
+    lengths: list[int] | None = None
 
 
 class SequentialPipeline:
@@ -166,6 +169,9 @@ class SequentialPipeline:
                 self.chunk, why = memory.batching_plan(model, self.blocks, flow.hiddens,
                                                        self.dev, self.batched)
                 n = len(flow.hiddens)
+                lengths = [int(h.shape[-2]) for h in flow.hiddens]
+                if self.chunk >= n > 1 and len(set(lengths)) > 1:
+                    flow = self._capture_padded(calib, lengths)
                 logger.info("ferroquant: %s (%s)", "one batched pass per block" if self.chunk >= n
                             else f"block passes per subset over chunks of {self.chunk} samples"
                             if self.chunk > 1 else "block passes per subset, sample by sample",
@@ -207,6 +213,14 @@ class SequentialPipeline:
         model.fq_report = rep
         logger.info("ferroquant report\n%s", rep.table())
         return rep
+
+    def _capture_padded(self, calib: CalibrationSet, lengths: list[int]) -> _Flow:
+        """Samples of different lengths, re-recorded as one right-padded batch so every block
+        runs once over all of them; pad positions are kept out of every statistic."""
+        pad = getattr(getattr(self.model, "config", None), "pad_token_id", None)
+        batch = padded_samples(calib, pad if isinstance(pad, int) and pad >= 0 else 0)
+        hiddens, self.calls = capture_block_inputs(self.model, self.blocks, [batch], self.hooks)
+        return _Flow([hiddens[0].to(self.dev, self.fdt)], lengths=lengths)
 
     def _solver_seconds(self) -> tuple[float, float]:
         """(statistics, solve) seconds the modifiers spent so far."""
@@ -252,12 +266,16 @@ class SequentialPipeline:
                  flow: _Flow, bcalls: list[Call]) -> tuple[list[LayerReport] | None, str]:
         """The one-pass path; (reports, "") or (None, why it could not run) with the block's
         weights untouched."""
-        try:
-            hidden, call = batch_calls(flow.hiddens, bcalls, flow.stacked)
-        except Unbatchable as e:
-            return None, str(e)
+        if flow.lengths is not None:
+            hidden, call = flow.hiddens[0], bcalls[0]
+        else:
+            try:
+                hidden, call = batch_calls(flow.hiddens, bcalls, flow.stacked)
+            except Unbatchable as e:
+                return None, str(e)
         saved = {id(t.module): t.module.weight.detach().clone() for t in targets}
-        op = OnePass(targets, f"block {bname}", self._solve_now, int(hidden.shape[0]))
+        op = OnePass(targets, f"block {bname}", self._solve_now, int(hidden.shape[0]),
+                     flow.lengths)
         op.install(self.hooks)
         try:
             out = call_block(runner, hidden, call)
@@ -274,8 +292,11 @@ class SequentialPipeline:
         if out is None or (targets and not self._solve_now):
             out = call_block(runner, hidden, call)  # the outputs after quantization
         check_batch_finite(out, bname)
-        flow.stacked = out
-        flow.hiddens = list(out.split(1, 0))
+        if flow.lengths is not None:
+            flow.hiddens = [out]
+        else:
+            flow.stacked = out
+            flow.hiddens = list(out.split(1, 0))
         return reports, ""
 
     def _fallback(self, i: int, bname: str, runner: nn.Module, targets: list[Target],
@@ -285,12 +306,17 @@ class SequentialPipeline:
         flow.stacked = None
         n = len(flow.hiddens)
         k = min(self.chunk, n)
-        try:
-            hs, cs, sizes = (chunk_calls(flow.hiddens, bcalls, k) if k > 1
-                             else (flow.hiddens, bcalls, [1] * n))
-        except Unbatchable as e:
-            why_not = why_not or str(e)
-            k, hs, cs, sizes = 1, flow.hiddens, bcalls, [1] * n
+        lengths: list[list[int] | None] | None = None
+        if flow.lengths is not None:  # the one padded entry stays one call
+            hs, cs, sizes, lengths = flow.hiddens, bcalls, [len(flow.lengths)], [flow.lengths]
+            k = len(flow.lengths)
+        else:
+            try:
+                hs, cs, sizes = (chunk_calls(flow.hiddens, bcalls, k) if k > 1
+                                 else (flow.hiddens, bcalls, [1] * n))
+            except Unbatchable as e:
+                why_not = why_not or str(e)
+                k, hs, cs, sizes = 1, flow.hiddens, bcalls, [1] * n
         path = "per-sample" if k == 1 else f"chunks of {k}"
         if why_not:
             path += f" ({why_not})"
@@ -306,7 +332,8 @@ class SequentialPipeline:
 
             for j, subset in enumerate(subsets):
                 bar.set_postfix_str(f"{bname} subset {j + 1}/{len(subsets)}")
-                calibrate_subsets(subset, f"block {bname}", run, len(hs), self.hooks, sizes)
+                calibrate_subsets(subset, f"block {bname}", run, len(hs), self.hooks, sizes,
+                                  lengths)
                 reports += [t.modifier.on_module_ready(t, j) for g in subset for t in g]
         bar.set_postfix_str(f"{bname} outputs")
         outs = []
@@ -316,7 +343,8 @@ class SequentialPipeline:
             check_batch_finite(out, bname, first)
             first += int(h.shape[0])
             outs.append(out)
-        flow.hiddens = [o[j:j + 1] for o in outs for j in range(o.shape[0])]
+        flow.hiddens = (outs if flow.lengths is not None
+                        else [o[j:j + 1] for o in outs for j in range(o.shape[0])])
         return reports
 
     def _forward_copy(self, block: nn.Module, targets: list[Target], bname: str) -> nn.Module:

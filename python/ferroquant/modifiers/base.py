@@ -155,9 +155,9 @@ class Modifier:
         """A fresh statistic for ``t`` whose first input is ``x``."""
         raise NotImplementedError
 
-    def add_inputs(self, t: Target, state: Any, x: torch.Tensor, label: str,
-                   n_samples: int) -> None:
-        """Adds ``x`` (``n_samples`` samples stacked along dim 0) to ``state``."""
+    def add_inputs(self, t: Target, state: Any, rows: list[torch.Tensor], label: str) -> None:
+        """Adds ``t``'s input activations to ``state``: one ``[tokens, features]`` tensor per
+        calibration sample, in sample order, padding removed."""
         raise NotImplementedError
 
     def on_module_ready(self, t: Target, subset: int) -> LayerReport:

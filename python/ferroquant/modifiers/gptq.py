@@ -62,17 +62,12 @@ class GPTQModifier(WeightModifier):
             _warn_cpu_fallback()
         return solver.HessianAccumulator(x.shape[-1])
 
-    def add_inputs(self, t: Target, state: Any, x: torch.Tensor, label: str,
-                   n_samples: int) -> None:
-        """Adds ``x`` holding ``n_samples`` stacked samples one sample at a time, in order: the
-        accumulator rescales its running sum per batch, so this gives bit for bit the Hessian
-        of the per-sample path (at the same cost as one big batch)."""
-        rows = x.detach().reshape(-1, x.shape[-1])
-        if n_samples > 1 and rows.shape[0] % n_samples == 0:
-            for part in rows.split(rows.shape[0] // n_samples):
-                self._add(t.name, state, part, label)
-        else:
-            self._add(t.name, state, rows, label)
+    def add_inputs(self, t: Target, state: Any, rows: list[torch.Tensor], label: str) -> None:
+        """Adds the samples one at a time, in order: the accumulator rescales its running sum
+        per batch, so stacked samples give bit for bit the Hessian of the per-sample path (at
+        the same cost as one big batch)."""
+        for part in rows:
+            self._add(t.name, state, part, label)
 
     def _add(self, name: str, acc: Any, x: torch.Tensor, label: str) -> None:
         t0 = time.perf_counter()
