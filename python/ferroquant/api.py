@@ -35,9 +35,9 @@ def _checkpoint_plan(model: nn.Module, recipe: GPTQ, format: str | None,
     from .formats import feasibility
 
     layers = feasibility.target_layers(model, recipe)
-    fmt = feasibility.normalize_format(format)
+    fmt = feasibility.canonical_format(format)
     ckpt, note = feasibility.resolve_checkpoint_format(
-        fmt, checkpoint_format, any(a.symmetric is False for *_, a, _ in layers))
+        fmt, checkpoint_format, any(not la.args.symmetric for la in layers), hint=hint)
     feasibility.check_feasible(layers, fmt, ckpt, hint=hint)
     return {"format": fmt, "checkpoint_format": ckpt,
             "scale_dtype": feasibility.scale_dtype_for(fmt, ckpt, _model_dtype(model))}, note
