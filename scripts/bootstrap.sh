@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine: creates (or reuses) the virtual environment, installs
-# the dependencies, builds the Rust extension, then runs the job asked for.
+# what the job needs, builds the Rust extension, then runs the job asked for.
 #
 #   scripts/bootstrap.sh demo [args]   quantize SmolLM2-135M, perplexity + generation before/after
-#   scripts/bootstrap.sh test          ruff, cargo test (Rust core), pytest (everything else)
-#   scripts/bootstrap.sh env           only install; prints the venv's python
+#                                      (installs the runtime and the `gguf` extra)
+#   scripts/bootstrap.sh test [args]   ruff, cargo test (Rust core), pytest (everything else)
+#                                      (also the `test` and `interop` extras: several GB more)
+#   scripts/bootstrap.sh env           the test job's install only; prints the venv's python
 #
 # The venv lives outside the checkout (FERROQUANT_VENV, default ~/.cache/ferroquant/venv) so
 # the large torch download is paid once per machine; pip's own cache serves rebuilds.
@@ -15,20 +17,54 @@ venv=${FERROQUANT_VENV:-$HOME/.cache/ferroquant/venv}
 job=${1:-test}
 shift || true
 
+case "$job" in
+  demo) extras=gguf ;;
+  test|env) extras=gguf,test,interop ;;
+  *)
+    echo "usage: scripts/bootstrap.sh demo|test|env" >&2
+    exit 2
+    ;;
+esac
+say() { echo "ferroquant: $*" >&2; }
+
 if ! command -v cargo >/dev/null 2>&1; then
-  echo "ferroquant: cargo (the Rust toolchain) is needed to build the extension: https://rustup.rs" >&2
+  say "cargo (the Rust toolchain) is needed to build the extension: https://rustup.rs"
   exit 2
 fi
 if [ ! -x "$venv/bin/python" ]; then
-  echo "ferroquant: creating virtual environment at $venv"
+  say "creating virtual environment at $venv"
   "${PYTHON:-python3}" -m venv "$venv"
 fi
 py="$venv/bin/python"
 "$py" -m pip install -q --disable-pip-version-check --upgrade pip "maturin>=1.16,<2"
-# maturin installs the project's dependencies (and the `test` extra) before the editable build.
+
+# The requirements of pyproject.toml (runtime + the job's extras), installed here with pip's
+# own progress output rather than silently inside the build step.
+mapfile -t reqs < <("$py" - "$root/pyproject.toml" "$extras" <<'EOF'
+import sys
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the copy pip vendors
+    from pip._vendor import tomli as tomllib
+with open(sys.argv[1], "rb") as f:
+    project = tomllib.load(f)["project"]
+reqs = list(project["dependencies"])
+for extra in sys.argv[2].split(","):
+    reqs += project["optional-dependencies"][extra]
+print("\n".join(reqs))
+EOF
+)
+names=$(printf '%s\n' "${reqs[@]}" | sed 's/[<>=!~ ;[].*//' | sort -u | paste -sd' ' -)
+say "installing the Python dependencies (extras: $extras): $names"
+[ "$job" = demo ] || say "(the test extras include gptqmodel, built from source: the longest step)"
+"$py" -m pip install --disable-pip-version-check "${reqs[@]}"
+
+# `cargo test` below shares this build's target directory (CARGO_TARGET_DIR or ./target),
+# release profile and the core's `cuda` feature, so every crate whose resolved features agree
+# between the two builds is compiled once.
 cd "$root"
-VIRTUAL_ENV="$venv" PATH="$venv/bin:$PATH" \
-  "$venv/bin/maturin" develop --release --quiet --extras test,gguf,interop
+say "building the Rust extension (cargo, release profile; the first build takes several minutes)"
+VIRTUAL_ENV="$venv" PATH="$venv/bin:$PATH" "$venv/bin/maturin" develop --release
 
 case "$job" in
   env)
@@ -38,12 +74,11 @@ case "$job" in
     exec "$py" -m ferroquant.demo "$@"
     ;;
   test)
+    say "ruff"
     "$py" -m ruff check --quiet python tests benches
-    cargo test -p ferroquant-core --release --quiet
+    say "cargo test of the Rust core (release profile, the build directory above)"
+    cargo test -p ferroquant-core --release --features cuda --quiet
+    say "pytest"
     exec "$py" -m pytest -q "$@" tests
-    ;;
-  *)
-    echo "usage: scripts/bootstrap.sh demo|test|env" >&2
-    exit 2
     ;;
 esac

@@ -3,9 +3,10 @@
 The public surface is small::
 
     import ferroquant as fq
-    report = fq.quantize(model, calibration, scheme="W4A16")   # in place, block by block
-    fq.save(model, "out", format="gptq")                         # or "compressed-tensors"
-    qmodel = fq.load("out")                                      # QuantLinear modules, generate() works
+    calib = fq.calibration.from_file("calib.jsonl", tokenizer, num_samples=128, seq_len=512)
+    report = fq.quantize(model, "W4A16", calib)   # recipe: preset, dict, YAML path or fq.GPTQ
+    fq.save(model, "out", format="gptq")          # or "compressed-tensors"
+    qmodel = fq.load("out")                       # QuantLinear modules, generate() works
 """
 
 from . import calibration

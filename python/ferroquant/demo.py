@@ -10,6 +10,10 @@
 4. measures perplexity and answers the prompt again with the quantized model, saves the GPTQ
    checkpoint, reloads it from disk and checks it reproduces the in-memory model.
 
+It prints a summary of the per-layer report (totals, the worst layers) and writes the full report
+beside the checkpoint, in ``OUT-report/``: the table as text and CSV and a picture of each layer's
+loss by block, GPTQ against round-to-nearest on the same Hessians (``quantization_report.svg``).
+
 Text: the calibration and held-out prose shipped inside ferroquant, or, in a checkout of the
 project with its ``../shared/data`` beside it (``$FERROQUANT_SHARED_DATA`` overrides), the real C4
 calibration sample and the WikiText-2 test set. Nothing but the project and PyPI is needed.
@@ -18,6 +22,8 @@ calibration sample and the WikiText-2 test set. Nothing but the project and PyPI
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import math
 import sys
 import time
@@ -85,6 +91,19 @@ def _generate(model: Any, tok: Any, prompt: str, max_new_tokens: int) -> str:
     return tok.decode(new, skip_special_tokens=True).strip()
 
 
+def report_dir(out_dir: Path) -> Path:
+    """Where the demo writes the per-layer report for the checkpoint at ``out_dir``."""
+    return out_dir.with_name(out_dir.name + "-report")
+
+
+def _recipe_yaml(recipe: Any) -> str:
+    """The recipe as the YAML a user would write: unset (None) fields left out."""
+    import yaml
+
+    d = {k: v for k, v in recipe.to_dict().items() if v is not None}
+    return yaml.safe_dump(d, sort_keys=False).rstrip()
+
+
 def _fmt_s(s: float) -> str:
     return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min"
 
@@ -137,13 +156,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     _say(f"\n== 3. GPTQ {args.scheme}, group size {args.group_size}")
     recipe = GPTQ(scheme=args.scheme, group_size=args.group_size)
-    _say(f"recipe: {recipe.to_dict()} (actorder {recipe.actorder}, lm_head and embeddings "
-         f"kept in float)")
+    _say("recipe (embeddings and the layers under `ignore` stay float):")
+    _say(_recipe_yaml(recipe))
     t0 = time.perf_counter()
-    report = api.quantize(model, recipe, calib, device=args.device,
-                          show_progress=not args.quiet)
+    # quantize() prints its full per-layer table when it shows progress: hundreds of rows that
+    # would scroll the before/after away. Keep that table out of the terminal (it goes to the
+    # report files below) and pass through anything else printed meanwhile.
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        report = api.quantize(model, recipe, calib, device=args.device,
+                              show_progress=not args.quiet, report_rtn_loss=True)
+    rest = printed.getvalue().replace(report.table() + "\n", "")
+    if rest:
+        sys.stdout.write(rest)
     timings["quantize"] = time.perf_counter() - t0
     _say(f"quantized {len(report)} layers in {_fmt_s(timings['quantize'])}")
+    _say(report.summary())
 
     _say("\n== 4. quantized model")
     t0 = time.perf_counter()
@@ -162,10 +190,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     timings["save"] = time.perf_counter() - t0
     size = sum(f.stat().st_size for f in out_dir.glob("*.safetensors"))
     _say(f"saved {args.format} checkpoint: {out_dir} ({size / 2**20:.1f} MiB)")
+    # beside the checkpoint, not in it: the directory stays exactly what a loader reads
+    files = report.write(report_dir(out_dir))
+    _say("per-layer report: " + ", ".join(str(f) for f in files.values()))
 
     result: dict[str, Any] = {"ppl_float": ppl_float, "ppl_quantized": ppl_q,
                               "answer_float": gen_float, "answer_quantized": gen_q,
-                              "out_dir": str(out_dir), "timings": timings}
+                              "out_dir": str(out_dir), "report_files": files,
+                              "timings": timings}
     if not args.skip_reload:
         t0 = time.perf_counter()
         reloaded = formats.load(out_dir)
@@ -193,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help="a model directory or .gguf instead of SmolLM2-135M-Instruct")
     p.add_argument("--out", default="ferroquant-demo/SmolLM2-135M-Instruct-W4A16-g64",
-                   help="where the quantized checkpoint is written (replaced if present)")
+                   help="where the quantized checkpoint is written (replaced if present); "
+                        "the per-layer report goes to OUT-report/")
     p.add_argument("--scheme", default="W4A16")
     p.add_argument("--format", default="gptq", choices=["gptq", "compressed-tensors"],
                    help="checkpoint layout (GPTQ needs out_features divisible by 8)")

@@ -1,6 +1,4 @@
-"""Typed torch-facing wrapper over ferroquant._core. OWNER: bindings helper.
-
-CONTRACT used by the pipeline and format helpers (signatures fixed).
+"""Typed torch-facing wrapper over ferroquant._core, used by the pipeline and the formats.
 
 Tensors cross into Rust as numpy views without copies where the input is already a contiguous
 CPU tensor of the dtype the core reads (float32 weights/Hessians, fp32/fp16/bf16 activations,

@@ -1,7 +1,5 @@
 //! The GPTQ column solver.
 //!
-//! OWNER: solver helper. CONTRACT (do not change signatures without telling the lead).
-//!
 //! Formulation. `linalg::factor_damped` gives the upper-triangular `U'` with
 //! `H_damped = U' U'ᵀ`; `U = U'⁻¹` is the reference's `Hinv` (upper Cholesky factor of
 //! `H_damped⁻¹`). The reference recurrence `W'_j = W_j - Σ_{k<j} E_k U_kj`,

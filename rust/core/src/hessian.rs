@@ -1,7 +1,5 @@
 //! Streaming Hessian accumulation: `H = (2/n) Σ_t x_t x_tᵀ` over calibration tokens.
 //!
-//! OWNER: numerics helper. CONTRACT (do not change signatures without telling the lead):
-//!
 //! Storage: the `n x n` buffer is viewed column-major and only its lower triangle is maintained
 //! (equivalently, the upper triangle of the row-major view). Each batch is a symmetric rank-k
 //! update `H += (2/n_new) XᵀX` done by faer's triangular matmul, which computes only that

@@ -1,7 +1,5 @@
 //! Atomic, sharded safetensors writing from Rust buffers.
 //!
-//! OWNER: pack/io helper. CONTRACT (do not change signatures without telling the lead).
-//!
 //! Every file is serialized by the `safetensors` crate under a hidden temporary name in the
 //! target directory (`.{file}.tmp-{pid}`), fsync'd, and only renamed into place once *all*
 //! files of the call (every shard and the index) were written, so a failure midway leaves

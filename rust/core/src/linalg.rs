@@ -1,7 +1,5 @@
 //! Dead-column handling, damping and the Cholesky factor used by the GPTQ solver.
 //!
-//! OWNER: numerics helper. CONTRACT (do not change signatures without telling the lead).
-//!
 //! The GPTQ reference computes `Hinv = cholesky(inverse(cholesky(H_damped)), upper=True)`: three
 //! O(n³) steps. The same upper factor is obtained more cheaply: with `J` the exchange (reversal)
 //! matrix, let `L` be the ordinary lower Cholesky factor of `J H J` and `U' = J L J` (upper

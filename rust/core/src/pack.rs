@@ -1,6 +1,5 @@
 //! Bit packing of integer codes into int32 words for the GPTQ and compressed-tensors layouts.
 //!
-//! OWNER: pack/io helper. CONTRACT (do not change signatures without telling the lead).
 //! All code inputs are `[rows, cols]` row-major u8 in [0, 2^bits - 1]; bits in {2,3,4,8}.
 //!
 //! # The one bit layout behind every format

@@ -1,6 +1,5 @@
 //! Per-row, per-group quantization grids: scales and integer zero points.
 //!
-//! OWNER: solver helper. CONTRACT (do not change signatures without telling the lead).
 //! Semantics follow the GPTQ reference `Quantizer`: the range always includes 0; symmetric
 //! uses zero = (maxq+1)/2; an all-zero group gets the range [-1, 1].
 
