@@ -81,7 +81,8 @@ def quantize(
             sits; ``"cpu"``, ``"cuda"``, ``"cuda:1"``); blocks not being quantized stay where
             they are. On a GPU the Hessians and the solve run on it through ferroquant's CUDA
             core when it loads (the CPU core otherwise, with a warning).
-        show_progress: a progress bar over the blocks and the per-layer table printed at the end.
+        show_progress: a progress bar over the blocks and the report's summary printed at the
+            end (the full per-layer table: ``report.table()``, or ``report.write(directory)``).
         report_rtn_loss: also compute each layer's round-to-nearest proxy loss on the same
             Hessian (a little extra time), for a per-layer GPTQ-vs-RTN comparison.
         batched: run each block once over all samples stacked (True), one sample at a time
@@ -121,5 +122,5 @@ def quantize(
     if show_progress:
         from tqdm.auto import tqdm
 
-        tqdm.write(report.table())
+        tqdm.write(report.summary())
     return report

@@ -22,8 +22,6 @@ calibration sample and the WikiText-2 test set. Nothing but the project and PyPI
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import math
 import sys
 import time
@@ -159,19 +157,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     _say("recipe (embeddings and the layers under `ignore` stay float):")
     _say(_recipe_yaml(recipe))
     t0 = time.perf_counter()
-    # quantize() prints its full per-layer table when it shows progress: hundreds of rows that
-    # would scroll the before/after away. Keep that table out of the terminal (it goes to the
-    # report files below) and pass through anything else printed meanwhile.
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        report = api.quantize(model, recipe, calib, device=args.device,
-                              show_progress=not args.quiet, report_rtn_loss=True)
-    rest = printed.getvalue().replace(report.table() + "\n", "")
-    if rest:
-        sys.stdout.write(rest)
+    # the full per-layer table goes to the report files below; quantize() prints the summary
+    report = api.quantize(model, recipe, calib, format=args.format, device=args.device,
+                          show_progress=not args.quiet, report_rtn_loss=True)
     timings["quantize"] = time.perf_counter() - t0
     _say(f"quantized {len(report)} layers in {_fmt_s(timings['quantize'])}")
-    _say(report.summary())
+    if args.quiet:
+        _say(report.summary())
 
     _say("\n== 4. quantized model")
     t0 = time.perf_counter()
