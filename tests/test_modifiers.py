@@ -138,3 +138,61 @@ def test_a_module_targeted_by_two_modifiers_is_an_error() -> None:
 def test_unknown_method_is_an_error() -> None:
     with pytest.raises(ValueError, match="method 'awq': expected one of gptq, rtn"):
         quantize(ToyLM(), GPTQ(), _calib(), method="awq")  # type: ignore[arg-type]
+
+
+class _FixedHessian:
+    """A statistic standing in for an accumulator: a given Hessian."""
+
+    def __init__(self, h: torch.Tensor, samples: int = 8) -> None:
+        self.h, self.samples = h, samples
+
+    def hessian(self) -> torch.Tensor:
+        return self.h
+
+
+def _lone_target(modifier: GPTQModifier, in_features: int = 4):
+    from ferroquant.modifiers import Target
+
+    lin = nn.Linear(in_features, 3, bias=False)
+    args = modifier.groups["group_0"].weights
+    return Target("block.0.fc", lin, args, modifier, 0)
+
+
+def test_damping_escalation_is_a_warning_naming_the_layer() -> None:
+    m = GPTQModifier(GPTQ(group_size=-1))
+    t = _lone_target(m)
+    # eigenvalues 2.02 and -0.02: indefinite until the damping exceeds 2% of mean(diag)
+    t.state = _FixedHessian(torch.tensor([[1.0, 1.02, 0, 0], [1.02, 1.0, 0, 0],
+                                          [0, 0, 1.0, 0], [0, 0, 0, 1.0]]))
+    with pytest.warns(RuntimeWarning, match=r"layer 'block\.0\.fc': the damped Hessian was not "
+                                            r"positive definite at dampening_frac=0\.01; raised "
+                                            r"to 0\.04 \(tried 0\.01, 0\.02, 0\.04\)"):
+        rep = m.on_module_ready(t, 0)
+    assert rep.damp_frac == 0.04 and rep.damp_attempts == [0.01, 0.02, 0.04]
+
+
+def test_no_warning_when_the_first_damping_works(recwarn) -> None:
+    m = GPTQModifier(GPTQ(group_size=-1))
+    t = _lone_target(m)
+    t.state = _FixedHessian(torch.eye(4))
+    m.on_module_ready(t, 0)
+    assert not [w for w in recwarn if "damped" in str(w.message)]
+
+
+def test_cuda_core_failing_to_load_is_a_warning(monkeypatch) -> None:
+    from ferroquant import cuda as fqcuda
+    from ferroquant.modifiers import gptq as gptq_mod
+
+    class _FakeCudaTensor:
+        is_cuda = True
+        shape = (2, 4)
+
+    monkeypatch.setattr(fqcuda, "available", lambda: False)
+    monkeypatch.setattr(fqcuda, "unavailable_reason", lambda: "libcublas.so.13 not found")
+    monkeypatch.setattr(gptq_mod, "_warned_cuda", set())
+    m = GPTQModifier(GPTQ(group_size=-1))
+    t = _lone_target(m)
+    with pytest.warns(RuntimeWarning, match=r"CUDA core did not load \(libcublas\.so\.13 not "
+                                            r"found\); Hessians and solves run on the CPU core"):
+        acc = m.new_state(t, _FakeCudaTensor())  # type: ignore[arg-type]
+    assert isinstance(acc, solver.HessianAccumulator)
