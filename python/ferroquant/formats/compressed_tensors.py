@@ -21,26 +21,38 @@ from typing import Any
 import torch
 
 from .. import solver
-from ..config import QuantizationArgs
+from ..config import QuantizationArgs, match_specificity, match_target
 from .common import CheckpointError, CheckpointFiles, LayerCodes, n_groups_for, recipe_get
 
 TENSOR_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
 
 
-def check_layer(name: str, layer: LayerCodes) -> None:
-    b = layer.bits
+def layout_problem(out_features: int, in_features: int, args: QuantizationArgs,
+                   is_conv1d: bool = False) -> str | None:
+    """Why ``pack-quantized`` cannot hold a layer of this shape and scheme, or None."""
+    b = int(args.num_bits)
     if not 1 <= b <= 8:
-        raise ValueError(f"{name}: {b}-bit weights: pack-quantized supports 1..8 bits")
-    gs = layer.group_size
-    if gs > 0 and layer.in_features % gs:
-        raise ValueError(
-            f"{name}: in_features={layer.in_features} is not a multiple of group_size={gs}; "
-            "compressed-tensors requires whole groups. Use format='gptq', a group size that "
-            "divides it, per-channel quantization, or ignore this layer"
+        return f"{b}-bit weights: pack-quantized supports 1..8 bits"
+    if is_conv1d:
+        return ("a transformers Conv1D (GPT-2 style): compressed-tensors only quantizes nn.Linear "
+                "(GPTQ stores it in Linear orientation)")
+    gs = args.effective_group_size
+    if gs > 0 and in_features % gs:
+        return (f"in_features={in_features} is not a multiple of group_size={gs}; "
+                "compressed-tensors requires whole groups")
+    return None
+
+
+def check_layer(name: str, layer: LayerCodes, is_conv1d: bool = False) -> None:
+    problem = layout_problem(layer.out_features, layer.in_features, layer.args, is_conv1d)
+    if problem is not None:
+        raise CheckpointError(
+            f"{name}: {problem}. Use format='gptq', a group size that divides it, per-channel "
+            "quantization, or ignore this layer"
         )
     if layer.args.symmetric and not layer.is_symmetric_codes():
-        raise ValueError(
-            f"{name}: args say symmetric but some zero points differ from {1 << (b - 1)}; "
+        raise CheckpointError(
+            f"{name}: args say symmetric but some zero points differ from {1 << (layer.bits - 1)}; "
             "compressed-tensors symmetric storage has no zero point"
         )
 
@@ -188,25 +200,18 @@ class CTSettings:
             self.groups.append((list(targets), args))
         self.ignore = list(qc.get("ignore") or [])
 
-    @staticmethod
-    def _match(name: str, cls_name: str, target: str) -> bool:
-        import re
-
-        if target.startswith("re:"):
-            return re.match(target[3:], name) is not None
-        return target == name or target == cls_name
-
-    def for_module(self, name: str, cls_name: str = "Linear") -> QuantizationArgs | None:
-        if any(self._match(name, cls_name, t) for t in self.ignore):
+    def for_module(self, name: str, module: Any = "Linear") -> QuantizationArgs | None:
+        """The args of the most specific matching group (full name > regex > class name, the
+        recipe's own rule: :func:`ferroquant.config.match_specificity`); ``module`` is the module
+        or its class name. The first of equally specific groups wins (a reader is lenient)."""
+        if any(match_target(name, module, t) for t in self.ignore):
             return None
-        # exact names first, then regexes, then class names (compressed-tensors' precedence)
-        for rank in (0, 1, 2):
-            for targets, args in self.groups:
-                for t in targets:
-                    kind = 1 if t.startswith("re:") else (0 if t == name else 2)
-                    if kind == rank and self._match(name, cls_name, t):
-                        return args
-        return None
+        best: tuple[int, QuantizationArgs] | None = None
+        for targets, args in self.groups:
+            spec = max((match_specificity(name, module, t) for t in targets), default=0)
+            if spec and (best is None or spec > best[0]):
+                best = (spec, args)
+        return None if best is None else best[1]
 
 
 def read_layer(
