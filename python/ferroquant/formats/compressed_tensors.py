@@ -16,6 +16,7 @@ Weight = ``weight_scale[o, g] * (q_signed - zp_signed)`` = ``scale * (code - zer
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -214,10 +215,23 @@ class CTSettings:
         return None if best is None else best[1]
 
 
-def read_layer(
+@dataclass
+class LayerHeader:
+    """One quantized layer's args and shape, checked from the headers (and ``weight_shape``)."""
+
+    args: QuantizationArgs
+    in_features: int
+    out_features: int
+    n_groups: int
+    why: str
+
+
+def check_layer_header(
     files: CheckpointFiles, prefix: str, settings: CTSettings,
     in_features: int | None = None, out_features: int | None = None,
-) -> LayerCodes:
+) -> LayerHeader:
+    """Check presence, dtypes and shapes of one layer's tensors against the config (and the
+    model's layer shape where known); of the data only the 2-integer ``weight_shape`` is read."""
     args = settings.for_module(prefix)
     if args is None:
         raise CheckpointError(
@@ -241,19 +255,32 @@ def read_layer(
     why = f"bits={b}, group_size={gs} from {settings.source}, weight_shape={ws}"
     files.expect(f"{prefix}.weight_packed", torch.int32, (out, -(-inp * b // 32)), why)
     files.expect(f"{prefix}.weight_scale", (torch.float16, torch.bfloat16, torch.float32), (out, ng), why)
-    codes = solver.unpack_ct_weight(files.get(f"{prefix}.weight_packed"), b, inp).to(torch.uint8)
     if args.symmetric:
         if f"{prefix}.weight_zero_point" in files:
             raise CheckpointError(
                 f"{files.info(prefix + '.weight_zero_point').file}: tensor '{prefix}.weight_zero_point' "
                 f"present but {settings.source} says symmetric"
             )
-        zeros = torch.full((out, ng), 1 << (b - 1), dtype=torch.int32)
     else:
         files.expect(f"{prefix}.weight_zero_point", torch.int32, (-(-out * b // 32), ng), why)
-        zeros = solver.unpack_ct_zero_point(files.get(f"{prefix}.weight_zero_point"), b, out).to(torch.int32)
     if f"{prefix}.weight_g_idx" in files:
         files.expect(f"{prefix}.weight_g_idx", (torch.int32, torch.int64), (inp,), why)
+    return LayerHeader(args, inp, out, ng, why)
+
+
+def read_layer(
+    files: CheckpointFiles, prefix: str, settings: CTSettings,
+    in_features: int | None = None, out_features: int | None = None,
+) -> LayerCodes:
+    h = check_layer_header(files, prefix, settings, in_features, out_features)
+    args, inp, out, ng, why = h.args, h.in_features, h.out_features, h.n_groups, h.why
+    b = int(args.num_bits)
+    codes = solver.unpack_ct_weight(files.get(f"{prefix}.weight_packed"), b, inp).to(torch.uint8)
+    if args.symmetric:
+        zeros = torch.full((out, ng), 1 << (b - 1), dtype=torch.int32)
+    else:
+        zeros = solver.unpack_ct_zero_point(files.get(f"{prefix}.weight_zero_point"), b, out).to(torch.int32)
+    if f"{prefix}.weight_g_idx" in files:
         g_idx = files.get(f"{prefix}.weight_g_idx").to(torch.int32)
         if inp and (int(g_idx.min()) < 0 or int(g_idx.max()) >= ng):
             raise CheckpointError(
@@ -265,7 +292,7 @@ def read_layer(
     else:
         from .common import default_g_idx
 
-        g_idx = default_g_idx(inp, gs)
+        g_idx = default_g_idx(inp, args.effective_group_size)
     scales = files.get(f"{prefix}.weight_scale").to(torch.float32)
     bias = files.get(f"{prefix}.bias") if f"{prefix}.bias" in files else None
     return LayerCodes(codes, scales, zeros, g_idx, args, bias)

@@ -176,13 +176,23 @@ def check_feasible(layers: list[TargetLayer] | list[tuple[Any, ...]], format: st
         return
     cli = hint == "cli"
     other = "compressed-tensors" if fmt == "gptq" else "gptq"
-    label = {"gptq": f"GPTQ{' v1' if version == 1 else ''}", "compressed-tensors":
-             "compressed-tensors"}[fmt]
+    v1_only = any(p == gptq.V1_ASYMMETRIC for _, p in bad)
+    label = {"gptq": "GPTQ v1" if v1_only else "GPTQ", "compressed-tensors": "compressed-tensors"}[fmt]
     lines = [f"{len(bad)} layer(s) cannot be stored in the {label} format:"]
-    lines += [f"  {la.name}: {p}" for la, p in bad]
+    by_problem: dict[str, list[str]] = {}
+    for la, p in bad:
+        by_problem.setdefault(p, []).append(la.name)
+    lines += [f"  {', '.join(names)}: {p}" for p, names in by_problem.items()]
     ways = []
+    per_channel = [TargetLayer(la.name, la.out_features, la.in_features,
+                               la.args.model_copy(update={"strategy": "channel", "group_size": None}),
+                               la.is_conv1d) for la, _ in bad]
     if all(_problem(other, 2, la) is None for la, _ in bad):
         ways.append(f"--format {other}" if cli else f"format={other!r}")
+    elif other == "compressed-tensors" and all(_problem(other, 2, la) is None for la in per_channel):
+        # only the group size stands in the way there
+        ways.append(f"--format {other} --group-size -1" if cli else
+                    f"format={other!r} with group_size=-1 (per channel) in the recipe")
     if fmt == "gptq" and version == 1 and all(
             gptq.layout_problem(la.out_features, la.in_features, int(la.args.num_bits)) is None
             for la, _ in bad):

@@ -232,11 +232,25 @@ def quantized_prefixes(files: CheckpointFiles) -> list[str]:
     return sorted(n[: -len(".qweight")] for n in files.names() if n.endswith(".qweight"))
 
 
-def read_layer(
+@dataclass
+class LayerHeader:
+    """One quantized layer's settings and shape, checked from the safetensors headers alone."""
+
+    bits: int
+    group_size: int
+    sym: bool
+    in_features: int
+    out_features: int
+    n_groups: int
+    why: str
+
+
+def check_layer_header(
     files: CheckpointFiles, prefix: str, settings: GPTQSettings,
     in_features: int | None = None, out_features: int | None = None,
-) -> LayerCodes:
-    """Decode one layer's tensors into codes, validating every shape against the config."""
+) -> LayerHeader:
+    """Check presence, dtypes and shapes of one layer's tensors against the config (and the
+    model's layer shape where known) without reading any tensor data."""
     per = settings.for_module(prefix)
     if per is None:
         raise CheckpointError(
@@ -271,6 +285,18 @@ def read_layer(
     files.expect(f"{prefix}.scales", (torch.float16, torch.bfloat16, torch.float32), (ng, out), why)
     if f"{prefix}.g_idx" in files:
         files.expect(f"{prefix}.g_idx", (torch.int32, torch.int64), (in_features,), why)
+    return LayerHeader(bits, gs, sym, in_features, out, ng, why)
+
+
+def read_layer(
+    files: CheckpointFiles, prefix: str, settings: GPTQSettings,
+    in_features: int | None = None, out_features: int | None = None,
+) -> LayerCodes:
+    """Decode one layer's tensors into codes, validating every shape against the config."""
+    h = check_layer_header(files, prefix, settings, in_features, out_features)
+    bits, gs, sym, in_features, out, ng, why = (h.bits, h.group_size, h.sym, h.in_features,
+                                                h.out_features, h.n_groups, h.why)
+    if f"{prefix}.g_idx" in files:
         g_idx = files.get(f"{prefix}.g_idx").to(torch.int32)
         if in_features and (int(g_idx.min()) < 0 or int(g_idx.max()) >= ng):
             raise CheckpointError(
