@@ -515,7 +515,8 @@ def convert(
     # every layer checked against the layout up front (v1's zero-point check needs the data:
     # check_layer does it below)
     check_feasible([TargetLayer(n, la.out_features, la.in_features, la.args, False)
-                    for n, la in layers.items()], out_fmt, "gptq_v2", hint=hint)
+                    for n, la in layers.items()], out_fmt, "gptq_v2", hint=hint,
+                   suggest_other_format=in_fmt == out_fmt)
     for name, layer in layers.items():
         if out_fmt == "gptq":
             if layer.bias is not None:

@@ -162,10 +162,12 @@ def _fitting_group_size(layers: list[TargetLayer]) -> int | None:
 
 
 def check_feasible(layers: list[TargetLayer] | list[tuple[Any, ...]], format: str,
-                   checkpoint_format: str | None, *, hint: Hint) -> None:
+                   checkpoint_format: str | None, *, hint: Hint,
+                   suggest_other_format: bool = True) -> None:
     """Raise :class:`CheckpointError` listing every layer the chosen format cannot hold, with
     the ways out spelled for where the user is (``hint="cli"``: flags; ``"api"``: keyword
-    arguments). The other format is suggested only when it holds every offending layer."""
+    arguments). The other format is suggested only when it holds every offending layer (and
+    ``suggest_other_format``: not when converting from it)."""
     fmt = canonical_format(format)
     version = 0
     if fmt == "gptq":
@@ -187,7 +189,9 @@ def check_feasible(layers: list[TargetLayer] | list[tuple[Any, ...]], format: st
     per_channel = [TargetLayer(la.name, la.out_features, la.in_features,
                                la.args.model_copy(update={"strategy": "channel", "group_size": None}),
                                la.is_conv1d) for la, _ in bad]
-    if all(_problem(other, 2, la) is None for la, _ in bad):
+    if not suggest_other_format:
+        pass
+    elif all(_problem(other, 2, la) is None for la, _ in bad):
         ways.append(f"--format {other}" if cli else f"format={other!r}")
     elif other == "compressed-tensors" and all(_problem(other, 2, la) is None for la in per_channel):
         # only the group size stands in the way there
