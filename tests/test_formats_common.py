@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from ferroquant.formats.common import (
     CheckpointError,
     CheckpointFiles,
     atomic_directory,
+    check_replaceable,
     parse_size,
     read_safetensors_header,
 )
@@ -157,23 +159,67 @@ def test_parse_size() -> None:
         parse_size("two gigs")
 
 
+def _fake_checkpoint(d: Path, tag: str) -> None:
+    (d / "config.json").write_text("{}")
+    (d / "model.safetensors").write_text(tag)
+
+
 def test_atomic_directory_success_and_failure(tmp_path: Path) -> None:
     out = tmp_path / "ckpt"
     with atomic_directory(out) as tmp:
         assert tmp.parent == tmp_path and tmp != out
-        (tmp / "a.txt").write_text("1")
+        _fake_checkpoint(tmp, "1")
         assert not out.exists()  # nothing under the final name while writing
-    assert (out / "a.txt").read_text() == "1"
+    assert (out / "model.safetensors").read_text() == "1"
     with pytest.raises(FileExistsError, match="overwrite=True"), atomic_directory(out):
         pass
     with pytest.raises(RuntimeError, match="boom"), atomic_directory(out, overwrite=True) as tmp:
-        (tmp / "a.txt").write_text("2")
+        _fake_checkpoint(tmp, "2")
         raise RuntimeError("boom")
-    assert (out / "a.txt").read_text() == "1"  # old one untouched
+    assert (out / "model.safetensors").read_text() == "1"  # old one untouched
     with atomic_directory(out, overwrite=True) as tmp:
-        (tmp / "b.txt").write_text("3")
-    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+        (tmp / "config.json").write_text("{}")
+        (tmp / "model-00001-of-00002.safetensors").write_text("3")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model-00001-of-00002.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp/old leftovers
+    # an empty directory may be replaced too
+    (tmp_path / "empty").mkdir()
+    with atomic_directory(tmp_path / "empty", overwrite=True) as tmp:
+        _fake_checkpoint(tmp, "4")
+    assert (tmp_path / "empty" / "model.safetensors").read_text() == "4"
+
+
+@pytest.mark.parametrize("present", [["notes.txt"], ["config.json"], ["model.safetensors"],
+                                     ["config.json", "sub/model.safetensors"]])
+def test_overwrite_refuses_a_directory_that_is_not_a_checkpoint(tmp_path: Path, present) -> None:
+    out = tmp_path / "mine"
+    for name in present:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("keep me")
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    with (pytest.raises(FileExistsError, match=r"is not a checkpoint directory .*holds .*left alone"),
+          atomic_directory(out, overwrite=True) as tmp):
+        _fake_checkpoint(tmp, "new")
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+    assert all((out / n).read_text() == "keep me" for n in present)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # nothing left beside it
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(FileExistsError, match="not a directory"):
+        check_replaceable(f, overwrite=True)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_checkpoint_directory_permissions_follow_the_umask(tmp_path: Path, umask: int) -> None:
+    old = os.umask(umask)
+    try:
+        with atomic_directory(tmp_path / "ck") as tmp:
+            _fake_checkpoint(tmp, "1")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "ck").stat().st_mode & 0o777 == 0o777 & ~umask
+    for f in (tmp_path / "ck").iterdir():
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
 
 
 def _write_st(path: Path, header: dict, data: bytes) -> None:

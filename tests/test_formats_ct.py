@@ -115,3 +115,42 @@ def test_refuses_partial_groups_and_conv1d(tmp_path: Path) -> None:
     loaded = fmt.load(fmt.save(gpt2, tmp_path / "g2", format="gptq"))
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, gpt2(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_config_targets_follow_the_recipe_matching_rule() -> None:
+    from ferroquant.formats.compressed_tensors import CTSettings
+
+    w4 = {"num_bits": 4, "strategy": "channel", "group_size": None, "symmetric": True}
+    w8 = {**w4, "num_bits": 8}
+    qc = {"format": "pack-quantized", "ignore": ["lm_head", "re:.*\\.k_proj$"], "config_groups": {
+        "by_class": {"targets": ["Linear"], "weights": w4},
+        "by_regex": {"targets": ["re:.*mlp\\."], "weights": w8},
+        "by_name": {"targets": ["model.layers.0.mlp.up_proj"], "weights": {**w4, "num_bits": 2}},
+    }}
+    s = CTSettings(qc, "config.json")
+    # full name > regex > class name, ignore wins: as ferroquant.config.match_specificity ranks
+    assert s.for_module("model.layers.0.mlp.up_proj").num_bits == 2
+    assert s.for_module("model.layers.0.mlp.down_proj").num_bits == 8
+    assert s.for_module("model.layers.0.self_attn.q_proj").num_bits == 4
+    assert s.for_module("model.layers.0.self_attn.k_proj") is None
+    assert s.for_module("lm_head") is None
+    # a class target matches the module's base classes too (a Linear subclass)
+    assert s.for_module("x", torch.nn.modules.linear.NonDynamicallyQuantizableLinear(2, 2)).num_bits == 4
+    assert s.for_module("x", "Embedding") is None
+
+
+def test_header_check_names_file_and_tensor(tmp_path: Path) -> None:
+    from ferroquant.formats import compressed_tensors as ct
+    from ferroquant.formats.common import CheckpointError, CheckpointFiles
+
+    model = quantize(tiny_llama(), args_of(4, 32, False))
+    out = fmt.save(model, tmp_path / "c", format="compressed-tensors")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    files = CheckpointFiles(out)
+    name = block_linears(model)[0]
+    h = ct.check_layer_header(files, name, ct.CTSettings(qc, "config.json"))
+    assert (h.args.num_bits, h.in_features, h.out_features, h.n_groups) == (4, 64, 64, 2)
+    g = next(iter(qc["config_groups"].values()))
+    g["weights"]["group_size"] = 16
+    with pytest.raises(CheckpointError, match=rf"tensor '{name}.weight_scale' has shape \[64, 2\], expected \[64, 4\]"):
+        ct.check_layer_header(files, name, ct.CTSettings(qc, "config.json"))

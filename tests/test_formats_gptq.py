@@ -214,3 +214,45 @@ def test_explicit_tokenizer_object_is_saved(tmp_path: Path) -> None:
     out = fmt.save(model, tmp_path / "t", tokenizer=tok)
     assert (out / "tokenizer_config.json").is_file()
     assert AutoTokenizer.from_pretrained(str(out))("a cat").input_ids == tok("a cat").input_ids
+
+
+def test_save_defaults_to_what_the_model_was_quantized_for(tmp_path: Path) -> None:
+    model = quantize(tiny_llama(), args_of(4, 32, False), scales_fp16=True)
+    model.fq_target = {"format": "gptq", "checkpoint_format": "gptq_v2", "scale_dtype": torch.float16}
+    qc = json.loads((fmt.save(model, tmp_path / "t") / "config.json").read_text())["quantization_config"]
+    assert (qc["quant_method"], qc["checkpoint_format"]) == ("gptq", "gptq_v2")
+    # an explicit argument wins; v1/v2 spellings are the feasibility module's
+    qc = json.loads((fmt.save(model, tmp_path / "v1", checkpoint_format="v1") / "config.json")
+                    .read_text())["quantization_config"]
+    assert qc["checkpoint_format"] == "gptq"
+    model.fq_target = {"format": "compressed-tensors", "checkpoint_format": None,
+                       "scale_dtype": torch.float32}
+    qc = json.loads((fmt.save(model, tmp_path / "c") / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors"
+    # another format than the target: that format's own defaults (GPTQ v1)
+    qc = json.loads((fmt.save(model, tmp_path / "g", format="gptq") / "config.json")
+                    .read_text())["quantization_config"]
+    assert qc["checkpoint_format"] == "gptq"
+    del model.fq_target
+    qc = json.loads((fmt.save(model, tmp_path / "d") / "config.json").read_text())["quantization_config"]
+    assert (qc["quant_method"], qc["checkpoint_format"]) == ("gptq", "gptq")
+    with pytest.raises(ValueError, match="checkpoint_format 'v3'"):
+        fmt.save(model, tmp_path / "x", checkpoint_format="v3")
+
+
+def test_header_check_names_file_and_tensor(tmp_path: Path) -> None:
+    from ferroquant.formats import gptq
+    from ferroquant.formats.common import CheckpointError, CheckpointFiles
+
+    model = quantize(tiny_llama(), args_of(4, 32))
+    out = fmt.save(model, tmp_path / "g")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    files = CheckpointFiles(out)
+    name = block_linears(model)[0]
+    h = gptq.check_layer_header(files, name, gptq.GPTQSettings.from_config(qc, "config.json"))
+    assert (h.bits, h.group_size, h.in_features, h.out_features, h.n_groups) == (4, 32, 64, 64, 2)
+    bad = gptq.GPTQSettings.from_config({**qc, "bits": 8}, "config.json")
+    with pytest.raises(CheckpointError, match=rf"model.safetensors: tensor '{name}.qweight' has shape \[8, 64\].*bits=8"):
+        gptq.check_layer_header(files, name, bad)
+    # a v2 config may spell its checkpoint format like the CLI does
+    assert gptq.GPTQSettings.from_config({**qc, "checkpoint_format": "v2"}, "c").version == 2

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import re
 import sys
 import time
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -113,16 +115,34 @@ def _scheme(s: str) -> str:
 
 
 def _format(s: str) -> str:
-    key = s.lower().replace("_", "-")
-    aliases = {"gptq": "gptq", "compressed-tensors": "compressed-tensors",
-               "ct": "compressed-tensors", "pack-quantized": "compressed-tensors"}
-    if key not in aliases:
-        raise argparse.ArgumentTypeError(f"expected gptq or compressed-tensors, got {s!r}")
-    return aliases[key]
+    from .formats.feasibility import canonical_format
+
+    try:
+        return canonical_format(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected gptq or compressed-tensors, got {s!r}") from None
+
+
+def _checkpoint_format(s: str) -> str:
+    from .formats.feasibility import canonical_checkpoint_format
+
+    try:
+        return canonical_checkpoint_format(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected v1 or v2 (gptq / gptq_v2), got {s!r}") from None
 
 
 # ---------------------------------------------------------------------------------------------
 # shared helpers
+
+
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    """Before any work: OUT_DIR must not exist, or be replaceable with --overwrite."""
+    if out.exists() and not overwrite:
+        raise UserError(f"output directory {out} already exists; pass --overwrite to replace it")
+    from .formats.common import check_replaceable
+
+    check_replaceable(out, overwrite)
 
 
 def _existing(path: str, what: str) -> Path:
@@ -228,6 +248,7 @@ def build_recipe(recipe_file: str | None = None, *, scheme: str | None = None,
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from . import api, calibration, formats
+    from .formats.feasibility import check_feasible, resolve_checkpoint_format, target_layers
     from .models import load_model, shipped_text
 
     _model_arg(args.model)
@@ -236,8 +257,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
                           dampening_frac=args.dampening_frac, ignore=args.ignore,
                           forward_dtype=args.forward_dtype)
     out = Path(args.out_dir).expanduser()
-    if out.exists() and not args.overwrite:
-        raise UserError(f"output directory {out} already exists; pass --overwrite to replace it")
+    _check_out_dir(out, args.overwrite)
     calib_path = (_existing(args.calibration, "calibration file") if args.calibration
                   else shipped_text("calibration"))
     if args.device.startswith("cuda"):
@@ -246,7 +266,16 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             raise UserError(f"--device {args.device} asked for, but torch sees no CUDA device")
 
+    _quiet_transformers(args.quiet)
     model, tok = load_model(args.model, quiet=args.quiet)
+    # what the chosen format can hold is known from the shapes alone: say so before calibrating
+    layers = target_layers(model, recipe)
+    ckpt_format, note = resolve_checkpoint_format(
+        args.format, args.checkpoint_format, any(not la.args.symmetric for la in layers),
+        hint="cli")
+    check_feasible(layers, args.format, ckpt_format, hint="cli")
+    if note:
+        print(f"note: {note}")
     seq_len = _pick_seq_len(args.seq_len, model)
     calib = calibration.from_file(calib_path, tok, num_samples=args.num_samples,
                                   seq_len=seq_len, seed=args.seed)
@@ -255,13 +284,16 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     print(f"calibration: {calib_path} -> {len(calib)} samples, {calib.num_tokens} tokens "
           f"(seq_len {seq_len})")
     t0 = time.perf_counter()
-    report = api.quantize(model, recipe, calib, device=args.device, show_progress=not args.quiet)
+    report = api.quantize(model, recipe, calib, device=args.device, show_progress=not args.quiet,
+                          format=args.format, checkpoint_format=ckpt_format)
     seconds = time.perf_counter() - t0
-    path = formats.save(model, out, format=args.format, overwrite=args.overwrite, tokenizer=tok)
+    path = formats.save(model, out, format=args.format, checkpoint_format=ckpt_format,
+                        overwrite=args.overwrite, tokenizer=tok)
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     print(f"quantized {len(report)} layers in {seconds:.1f} s "
           f"(total proxy loss {report.total_loss:.6g})")
-    print(f"saved {args.format} checkpoint to {path} ({size / 2**20:.2f} MiB of safetensors)")
+    what = args.format + (" v2" if ckpt_format == "gptq_v2" else "")
+    print(f"saved {what} checkpoint to {path} ({size / 2**20:.2f} MiB of safetensors)")
     return 0
 
 
@@ -288,6 +320,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     _model_arg(args.model)
     text = _read_text(_existing(args.text, "text file"), "text file")
+    _quiet_transformers(args.quiet)
     model, tok = load_model(args.model, quiet=args.quiet)
     if args.device:
         if args.device.startswith("cuda"):
@@ -336,9 +369,15 @@ _ELEM_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64":
 
 def inspect_checkpoint(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """What a checkpoint holds, from ``config.json`` and the safetensors headers (no weight data
-    is read; compressed-tensors' 2-integer ``weight_shape`` tensors are): architecture, quantization settings, quantized layers grouped by
-    shape, other tensors by dtype, and sizes."""
+    is read; compressed-tensors' 2-integer ``weight_shape`` tensors are): architecture,
+    quantization settings, quantized layers grouped by shape, the Linear layers left in float,
+    other tensors by dtype, and sizes. Every quantized layer's bits, groups and tensor shapes
+    are checked against the config as loading checks them (a mismatch raises
+    :class:`~ferroquant.formats.CheckpointError` naming file and tensor)."""
+    from .formats import compressed_tensors as ct
+    from .formats import gptq
     from .formats.common import CheckpointFiles, read_json
+    from .formats.feasibility import format_of
 
     d = Path(directory)
     if not d.is_dir():
@@ -347,17 +386,22 @@ def inspect_checkpoint(directory: str | os.PathLike[str]) -> dict[str, Any]:
         raise UserError(f"{d} has no config.json; not a transformers checkpoint")
     cfg = read_json(d / "config.json")
     qc = cfg.get("quantization_config")
+    source = str(d / "config.json")
     if qc is None and (d / "quantize_config.json").is_file():
+        source = str(d / "quantize_config.json")
         qc = read_json(d / "quantize_config.json")
     files = CheckpointFiles(d)
     infos = files.tensors
-    method = str((qc or {}).get("quant_method") or "").lower() if isinstance(qc, dict) else ""
-    if method == "gptq" or (isinstance(qc, dict) and not method and "bits" in qc):
+    known = format_of(qc) if isinstance(qc, dict) else None
+    settings: Any = None
+    if known == "gptq":
         fmt, marker = "gptq", ".qweight"
-    elif method == "compressed-tensors":
+        settings = gptq.GPTQSettings.from_config(qc, source)
+    elif known == "compressed-tensors":
         fmt, marker = "compressed-tensors", ".weight_packed"
+        settings = ct.CTSettings(qc, source)
     elif qc:
-        fmt, marker = method or "unknown", None
+        fmt, marker = str(qc.get("quant_method") or "unknown"), None
     else:
         fmt, marker = "float", None
 
@@ -368,6 +412,11 @@ def inspect_checkpoint(directory: str | os.PathLike[str]) -> dict[str, Any]:
                 continue
             prefix = name[: -len(marker)]
             packed = infos[name].shape
+            # the checks loading does, from the headers
+            if fmt == "gptq":
+                gptq.check_layer_header(files, prefix, settings)
+            else:
+                ct.check_layer_header(files, prefix, settings)
             if fmt == "gptq":
                 scales = infos.get(prefix + ".scales")
                 out_f = packed[1] if len(packed) == 2 else None
@@ -395,6 +444,7 @@ def inspect_checkpoint(directory: str | os.PathLike[str]) -> dict[str, Any]:
                            "groups": n_groups, "packed_words": packed_words, "bytes": nbytes})
     qprefixes = tuple(layer["name"] + "." for layer in layers)
     other = {n: i for n, i in infos.items() if not n.startswith(qprefixes)}
+    float_linears = _float_linears(other)
     other_dtypes = Counter(str(i.dtype).replace("torch.", "") for i in other.values())
     total = sum(f.stat().st_size for f in {i.file for i in infos.values()})
     return {
@@ -411,6 +461,7 @@ def inspect_checkpoint(directory: str | os.PathLike[str]) -> dict[str, Any]:
         "total_bytes": total,
         "num_tensors": len(infos),
         "quantized_layers": layers,
+        "unquantized_layers": float_linears if fmt != "float" else [],
         "other_tensors": len(other),
         "other_dtypes": dict(other_dtypes),
         "other_bytes": sum(_ELEM_BYTES.get(str(i.dtype).replace("torch.", ""), 4)
@@ -418,6 +469,26 @@ def inspect_checkpoint(directory: str | os.PathLike[str]) -> dict[str, Any]:
         "extra_files": sorted(p.name for p in d.iterdir()
                               if p.is_file() and not p.name.endswith(".safetensors")),
     }
+
+
+_FLOAT_DTYPES = {"float64", "float32", "float16", "bfloat16"}
+
+
+def _float_linears(tensors: dict[str, Any]) -> list[str]:
+    """Modules whose ``weight`` is a 2-D float matrix and that are not embeddings: the Linear
+    layers a quantized checkpoint keeps in float (lm_head, ignored layers)."""
+    out = []
+    for n, i in tensors.items():
+        if not n.endswith(".weight") or len(i.shape) != 2:
+            continue
+        if str(i.dtype).replace("torch.", "") not in _FLOAT_DTYPES:
+            continue
+        mod = n[: -len(".weight")]
+        last = mod.rsplit(".", 1)[-1].lower()
+        if "emb" in last or last in ("wte", "wpe"):
+            continue
+        out.append(mod)
+    return sorted(out)
 
 
 def _quant_summary(fmt: str, qc: dict[str, Any] | None) -> list[str]:
@@ -474,6 +545,12 @@ def format_inspection(info: dict[str, Any]) -> str:
             lines.append(f"  {shape:>14}  groups {g!s:>5}  x{len(names):<4} {', '.join(short)}")
         qbytes = sum(layer["bytes"] for layer in layers)
         lines.append(f"quantized layer storage: {_human(qbytes)}")
+    unq = info.get("unquantized_layers") or []
+    if unq:
+        shown = ", ".join(unq[:8]) + (f" and {len(unq) - 8} more" if len(unq) > 8 else "")
+        lines.append(f"left unquantized (float): {len(unq)} layer(s): {shown}")
+    elif layers:
+        lines.append("left unquantized (float): none")
     return "\n".join(lines)
 
 
@@ -497,11 +574,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if not src.is_dir():
         raise UserError(f"source checkpoint {src} is not a directory")
     dst = Path(args.dst).expanduser()
-    if dst.exists() and not args.overwrite:
-        raise UserError(f"destination {dst} already exists; pass --overwrite to replace it")
+    _check_out_dir(dst, args.overwrite)
     path = formats.convert(src, dst, format=args.format, checkpoint_format=args.checkpoint_format,
-                           overwrite=args.overwrite)
-    print(f"converted {src} -> {path} ({args.format})")
+                           overwrite=args.overwrite, ignore=args.ignore or (), hint="cli")
+    left = f"; left float: {', '.join(args.ignore)}" if args.ignore else ""
+    print(f"converted {src} -> {path} ({args.format}{left})")
     return 0
 
 
@@ -536,6 +613,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="columns per scale group; -1 = per output channel (default 128)")
     q.add_argument("--format", type=_format, default="gptq",
                    help="gptq (default) or compressed-tensors")
+    q.add_argument("--checkpoint-format", type=_checkpoint_format, default=None,
+                   metavar="v1|v2",
+                   help="GPTQ only: v1 (zero-1, read by every engine) or v2 (raw zero points); "
+                        "default v1, v2 when the scheme is asymmetric (v1 cannot store a zero "
+                        "point of 0)")
     q.add_argument("--calibration", metavar="FILE", default=None,
                    help=".txt or .jsonl (field 'text'); default: the text shipped with "
                         "ferroquant")
@@ -558,8 +640,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ignore", action="append", default=None, metavar="NAME",
                    help="module name, class name or re:regex left unquantized (repeatable; "
                         "lm_head is always ignored unless the recipe says otherwise)")
-    q.add_argument("--device", type=_device, default="cpu", help="where each block is quantized: cpu (default), cuda, cuda:N, or auto "
-                        "(the GPU the model sits on)")
+    q.add_argument("--device", type=_device, default="auto",
+                   help="where each block is quantized: auto (default: where the model sits), "
+                        "cpu, cuda or cuda:N")
     q.add_argument("--recipe", metavar="FILE", default=None,
                    help="YAML/JSON recipe; the flags above override its fields")
     q.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
@@ -596,24 +679,51 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dst", metavar="DST")
     c.add_argument("--format", type=_format, required=True,
                    help="gptq or compressed-tensors")
-    c.add_argument("--checkpoint-format", choices=["gptq", "gptq_v2"], default="gptq",
-                   help="GPTQ only: v1 (gptq, default) or v2 zero points")
+    c.add_argument("--checkpoint-format", type=_checkpoint_format, default="gptq",
+                   metavar="v1|v2", help="GPTQ only: v1 (default) or v2 zero points")
+    c.add_argument("--ignore", action="append", default=None, metavar="NAME",
+                   help="quantized layer (full name or re:regex) written as float weights "
+                        "(dequantized) instead (repeatable)")
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(func=_cmd_convert)
     return p
+
+
+def _quiet_transformers(quiet: bool) -> None:
+    """No transformers progress bars under --quiet (only for commands that load a model, so the
+    others never import transformers)."""
+    if not quiet:
+        return
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """Warnings from ferroquant and the libraries it drives, as one ``note:`` line each (not
+    Python's two-line ``file:line: UserWarning`` form)."""
+    text = " ".join(str(message).split())
+    print(f"note: {text}", file=sys.stderr if file is None else file)
+
+
+def _drop_library_chatter(record: logging.LogRecord) -> bool:
+    # torch logs one deprecation line per torchao Enum when transformers imports torchao: about
+    # torchao's own code, nothing a ferroquant user can act on
+    return "register_constant()" not in record.getMessage()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     prog = f"ferroquant {args.command}"
-    if args.quiet:
-        try:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
-        except ImportError:
-            pass
+    previous = warnings.showwarning
+    warnings.showwarning = _show_warning
+    pytree_log = logging.getLogger("torch.utils._pytree")
+    pytree_log.addFilter(_drop_library_chatter)
     try:
         _set_threads(args.threads)
         return int(args.func(args) or 0)
@@ -625,6 +735,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{prog}: error: {_message(exc)}", file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        warnings.showwarning = previous
+        pytree_log.removeFilter(_drop_library_chatter)
 
 
 if __name__ == "__main__":  # pragma: no cover

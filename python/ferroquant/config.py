@@ -149,14 +149,16 @@ def _check_pattern(t: str) -> None:
 
 
 def _class_names(module: Any) -> set[str]:
-    names = {c.__name__ for c in type(module).__mro__}
+    # a class name stands for a module where there is none (a checkpoint's config groups)
+    names = {module} if isinstance(module, str) else {c.__name__ for c in type(module).__mro__}
     if "Conv1D" in names:  # transformers' Conv1D is a Linear with a transposed weight
         names.add("Linear")
     return names
 
 
 def match_specificity(name: str, module: Any, target: str) -> int:
-    """0 = no match; 3 = full-name match; 2 = regex match; 1 = class-name match."""
+    """0 = no match; 3 = full-name match; 2 = regex match; 1 = class-name match. ``module`` is
+    the module or the name of its class."""
     if target.startswith("re:"):
         return 2 if re.match(target[3:], name) is not None else 0
     if target == name:

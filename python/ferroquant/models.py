@@ -223,16 +223,44 @@ def _detach_gguf_quantizer(model: Any, gguf: Path) -> None:
         model.quantization_method = None
 
 
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def load_tokenizer(path: str | os.PathLike[str]) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
+        raise ModelLoadError(f"{path}: cannot load the tokenizer: {_one_line(e)}") from e
+
+
+def _check_weight_files(path: Path) -> None:
+    """Validate the safetensors headers against the files' sizes before transformers reads them,
+    so a truncated or corrupt file is reported by name (transformers' own error is a long
+    traceback ending in "incomplete metadata")."""
+    from .formats.common import CheckpointError, CheckpointFiles, read_json
+
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.safetensors.index.json")):
+        return  # .bin weights or none: transformers' error below names them
+    try:
+        read_json(path / "config.json")
+        CheckpointFiles(path)
+    except CheckpointError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 def _load_hf_dir(path: Path, *, dtype: torch.dtype | None) -> tuple[Any, Any]:
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "auto")
+    _check_weight_files(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "auto")
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError, SafetensorError) as e:
+        raise ModelLoadError(f"{path}: cannot load the model: {_one_line(e)}") from e
     model.eval()
     return model, load_tokenizer(path)
 

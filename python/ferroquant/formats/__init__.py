@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .. import solver
+from ..config import match_target
 from ..nn import QuantLinear
 from ..quantized import ATTR, QuantizedWeight
 from . import compressed_tensors as ct
@@ -32,6 +33,7 @@ from .common import (
     CheckpointFiles,
     LayerCodes,
     atomic_directory,
+    check_replaceable,
     copy_aux_files,
     n_groups_for,
     parse_size,
@@ -39,19 +41,19 @@ from .common import (
     recipe_to_yaml,
     write_json,
 )
+from .feasibility import (
+    TargetLayer,
+    canonical_checkpoint_format,
+    canonical_format,
+    check_feasible,
+    format_of,
+    scale_dtype_for,
+)
 
 __all__ = ["CheckpointError", "QuantLinear", "convert", "detect_format", "load", "save"]
 
 Format = Literal["gptq", "compressed-tensors"]
-_FORMAT_ALIASES = {"gptq": "gptq", "compressed-tensors": "compressed-tensors", "compressed_tensors": "compressed-tensors",
-                   "ct": "compressed-tensors", "pack-quantized": "compressed-tensors"}
-
-
-def _norm_format(fmt: str) -> str:
-    f = _FORMAT_ALIASES.get(fmt.lower())
-    if f is None:
-        raise ValueError(f"format {fmt!r}: expected 'gptq' or 'compressed-tensors'")
-    return f
+_norm_format = canonical_format
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,11 +136,26 @@ def _dedupe_shared(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _resolve_target(model: nn.Module, format: str | None,
+                    checkpoint_format: str | None) -> tuple[str, str, torch.dtype | None]:
+    """(format, GPTQ checkpoint_format, scale dtype or None) for ``save``: the arguments where
+    given, else what the model was quantized for (``model.fq_target``), else GPTQ v1."""
+    target = getattr(model, "fq_target", None)
+    target = target if isinstance(target, dict) else {}
+    fmt = canonical_format(format if format is not None else target.get("format") or "gptq")
+    same = target.get("format") is not None and canonical_format(target["format"]) == fmt
+    cf = checkpoint_format if checkpoint_format is not None else (
+        target.get("checkpoint_format") if same else None)
+    cf = canonical_checkpoint_format(cf or "gptq") if fmt == "gptq" else "gptq"
+    sdt = target.get("scale_dtype") if same else None
+    return fmt, cf, sdt if isinstance(sdt, torch.dtype) else None
+
+
 def save(
     model: nn.Module,
     out_dir: str | os.PathLike,
-    format: Format | str = "gptq",
-    checkpoint_format: str = "gptq",
+    format: Format | str | None = None,
+    checkpoint_format: str | None = None,
     max_shard_size: int | str | None = "2GB",
     *,
     overwrite: bool = False,
@@ -147,15 +164,17 @@ def save(
 ) -> Path:
     """Write a quantized model as a GPTQ or compressed-tensors checkpoint directory.
 
-    ``checkpoint_format`` (GPTQ only): ``"gptq"`` (v1, zero-1, read by every engine) or
-    ``"gptq_v2"`` (raw zeros; needed when an asymmetric zero point is 0). Returns the path.
+    ``format`` and ``checkpoint_format`` default to what the model was quantized for (when
+    :func:`ferroquant.quantize` was told), else GPTQ v1. ``checkpoint_format`` (GPTQ only):
+    ``"gptq"``/``"v1"`` (zero-1, read by every engine) or ``"gptq_v2"``/``"v2"`` (raw zeros;
+    needed when an asymmetric zero point is 0). ``overwrite=True`` replaces ``out_dir`` only if
+    it is empty or holds a checkpoint (config.json and safetensors files). Returns the path.
     """
-    fmt = _norm_format(format)
+    fmt, checkpoint_format, target_scale_dtype = _resolve_target(model, format, checkpoint_format)
     version = gptq.version_of(checkpoint_format) if fmt == "gptq" else 0
     max_bytes = parse_size(max_shard_size)
     out = Path(out_dir).absolute()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
+    check_replaceable(out, overwrite)
 
     layers: dict[str, LayerCodes] = {}
     linear_names: list[str] = []
@@ -175,12 +194,13 @@ def save(
         raise ValueError(f"no module carries {ATTR!r}: quantize the model before saving it")
 
     mdtype = _model_dtype(model)
+    scale_dtype = target_scale_dtype or scale_dtype_for(fmt, checkpoint_format, mdtype)
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
         if fmt == "gptq":
             tensors.update(gptq.layer_tensors(name, layer, version))
         else:
-            tensors.update(ct.layer_tensors(name, layer, mdtype))
+            tensors.update(ct.layer_tensors(name, layer, scale_dtype))
     prefixes = tuple(n + "." for n in layers)
     sd = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
     for k, v in _dedupe_shared(sd).items():
@@ -250,12 +270,11 @@ def detect_format(directory: str | os.PathLike) -> tuple[str, dict[str, Any], st
         qc = read_json(d / "quantize_config.json")
     if not isinstance(qc, dict):
         raise CheckpointError(f"{cfg_path}: no quantization_config (and no quantize_config.json): not a quantized checkpoint")
-    method = str(qc.get("quant_method") or qc.get("method") or "").lower()
-    if method == "gptq" or (not method and "bits" in qc):
-        return "gptq", qc, source
-    if method == "compressed-tensors":
-        return "compressed-tensors", qc, source
-    raise CheckpointError(f"{source}: quant_method {method!r} is not supported (gptq or compressed-tensors)")
+    fmt = format_of(qc)
+    if fmt is None:
+        method = qc.get("quant_method") or qc.get("method")
+        raise CheckpointError(f"{source}: quant_method {method!r} is not supported (gptq or compressed-tensors)")
+    return fmt, qc, source
 
 
 @contextlib.contextmanager
@@ -444,17 +463,24 @@ def convert(
     *,
     overwrite: bool = False,
     gptq_dynamic: bool = False,
+    ignore: list[str] | tuple[str, ...] = (),
+    hint: Literal["api", "cli"] = "api",
 ) -> Path:
     """Re-lay a quantized checkpoint between GPTQ v1, GPTQ v2 and compressed-tensors
     pack-quantized: unpack to integer codes and repack, no re-quantization. Scales change
     dtype (GPTQ stores fp16, compressed-tensors the model dtype); a conversion that would
-    change a scale value warns."""
+    change a scale value warns. Layers matched by ``ignore`` (full names, ``re:`` regexes) are
+    written as float weights (dequantized). Layers the target layout cannot hold are all
+    reported at once, the ways out spelled as keyword arguments (``hint="api"``) or flags."""
     s = Path(src)
     out_fmt = _norm_format(format)
+    if out_fmt == "gptq":
+        checkpoint_format = canonical_checkpoint_format(checkpoint_format)
     version = gptq.version_of(checkpoint_format) if out_fmt == "gptq" else 0
     max_bytes = parse_size(max_shard_size)
     if Path(dst).absolute() == s.absolute():
         raise ValueError("convert: dst must differ from src (the source is never modified)")
+    check_replaceable(dst, overwrite)
     in_fmt, qc, source = detect_format(s)
     files = CheckpointFiles(s)
     config = read_json(s / "config.json")
@@ -475,6 +501,22 @@ def convert(
     mdtype = getattr(torch, dt) if isinstance(dt, str) and isinstance(getattr(torch, dt, None), torch.dtype) else torch.float16
     consumed = {f"{p}.{x}" for p in prefixes for x in suffixes}
     tensors: dict[str, torch.Tensor] = {}
+    unmatched = [t for t in ignore if not any(match_target(n, "Linear", t) for n in layers)]
+    if unmatched:
+        raise ValueError(f"ignore {unmatched}: no quantized layer of {s} matches "
+                         f"(quantized layers look like {min(layers)!r})")
+    for name in [n for n in layers if any(match_target(n, "Linear", t) for t in ignore)]:
+        layer = layers.pop(name)
+        tensors[f"{name}.weight"] = layer.dequantize(mdtype).contiguous()
+        if layer.bias is not None:
+            tensors[f"{name}.bias"] = layer.bias.to(mdtype).contiguous()
+    if not layers:
+        raise ValueError(f"ignore {list(ignore)} leaves no layer of {s} quantized; nothing to convert")
+    # every layer checked against the layout up front (v1's zero-point check needs the data:
+    # check_layer does it below)
+    check_feasible([TargetLayer(n, la.out_features, la.in_features, la.args, False)
+                    for n, la in layers.items()], out_fmt, "gptq_v2", hint=hint,
+                   suggest_other_format=in_fmt == out_fmt)
     for name, layer in layers.items():
         if out_fmt == "gptq":
             if layer.bias is not None:

@@ -173,26 +173,61 @@ def recipe_get(recipe: Any, name: str, default: Any = None) -> Any:
 # Atomic directory writing.
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def check_replaceable(out_dir: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse an existing ``out_dir`` unless ``overwrite`` and it is an empty directory or one
+    that holds a checkpoint (``config.json`` and ``*.safetensors``): replacing it deletes what
+    it holds, which must not be someone else's files."""
+    out = Path(out_dir).absolute()
+    if not out.exists():
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
+    if not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory; not replacing it")
+    names = [p.name for p in out.iterdir()]
+    if names and not ((out / "config.json").is_file() and any(out.glob("*.safetensors"))):
+        shown = ", ".join(sorted(names)[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise FileExistsError(
+            f"{out} is not a checkpoint directory (no config.json with *.safetensors; it holds "
+            f"{shown}); overwriting would delete those files, so it is left alone: remove it "
+            "yourself or choose another output directory"
+        )
+
+
 @contextlib.contextmanager
 def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary sibling directory; on success rename it to ``out_dir``.
 
     A half-written directory never appears under the final name: on any exception the
     temporary directory is removed and ``out_dir`` (if it existed) is untouched. With
-    ``overwrite=True`` an existing ``out_dir`` is first renamed aside, the new one renamed in,
-    then the old one deleted; if the swap fails the old one is put back.
+    ``overwrite=True`` an existing ``out_dir`` (empty, or a checkpoint: see
+    :func:`check_replaceable`) is first renamed aside, the new one renamed in, then the old one
+    deleted; if the swap fails the old one is put back. The directory and its files get the
+    permissions of any file the user creates (the umask applies), not the temporary
+    directory's private 0700.
     """
     out = Path(out_dir).absolute()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
+    check_replaceable(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        mask = _umask()
+        tmp.chmod(0o777 & ~mask)
+        for f in tmp.iterdir():
+            if f.is_file() and not f.is_symlink():
+                f.chmod(0o666 & ~mask)
         _fsync_dir(tmp)
         if out.exists():
             if not overwrite:
                 raise FileExistsError(f"{out} appeared while writing; pass overwrite=True to replace it")
+            check_replaceable(out, overwrite)
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(out, old)
             try:

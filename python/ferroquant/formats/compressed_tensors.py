@@ -16,31 +16,44 @@ Weight = ``weight_scale[o, g] * (q_signed - zp_signed)`` = ``scale * (code - zer
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .. import solver
-from ..config import QuantizationArgs
+from ..config import QuantizationArgs, match_specificity, match_target
 from .common import CheckpointError, CheckpointFiles, LayerCodes, n_groups_for, recipe_get
 
 TENSOR_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
 
 
-def check_layer(name: str, layer: LayerCodes) -> None:
-    b = layer.bits
+def layout_problem(out_features: int, in_features: int, args: QuantizationArgs,
+                   is_conv1d: bool = False) -> str | None:
+    """Why ``pack-quantized`` cannot hold a layer of this shape and scheme, or None."""
+    b = int(args.num_bits)
     if not 1 <= b <= 8:
-        raise ValueError(f"{name}: {b}-bit weights: pack-quantized supports 1..8 bits")
-    gs = layer.group_size
-    if gs > 0 and layer.in_features % gs:
-        raise ValueError(
-            f"{name}: in_features={layer.in_features} is not a multiple of group_size={gs}; "
-            "compressed-tensors requires whole groups. Use format='gptq', a group size that "
-            "divides it, per-channel quantization, or ignore this layer"
+        return f"{b}-bit weights: pack-quantized supports 1..8 bits"
+    if is_conv1d:
+        return ("a transformers Conv1D (GPT-2 style): compressed-tensors only quantizes nn.Linear "
+                "(GPTQ stores it in Linear orientation)")
+    gs = args.effective_group_size
+    if gs > 0 and in_features % gs:
+        return (f"in_features={in_features} is not a multiple of group_size={gs}; "
+                "compressed-tensors requires whole groups")
+    return None
+
+
+def check_layer(name: str, layer: LayerCodes, is_conv1d: bool = False) -> None:
+    problem = layout_problem(layer.out_features, layer.in_features, layer.args, is_conv1d)
+    if problem is not None:
+        raise CheckpointError(
+            f"{name}: {problem}. Use format='gptq', a group size that divides it, per-channel "
+            "quantization, or ignore this layer"
         )
     if layer.args.symmetric and not layer.is_symmetric_codes():
-        raise ValueError(
-            f"{name}: args say symmetric but some zero points differ from {1 << (b - 1)}; "
+        raise CheckpointError(
+            f"{name}: args say symmetric but some zero points differ from {1 << (layer.bits - 1)}; "
             "compressed-tensors symmetric storage has no zero point"
         )
 
@@ -188,31 +201,37 @@ class CTSettings:
             self.groups.append((list(targets), args))
         self.ignore = list(qc.get("ignore") or [])
 
-    @staticmethod
-    def _match(name: str, cls_name: str, target: str) -> bool:
-        import re
-
-        if target.startswith("re:"):
-            return re.match(target[3:], name) is not None
-        return target == name or target == cls_name
-
-    def for_module(self, name: str, cls_name: str = "Linear") -> QuantizationArgs | None:
-        if any(self._match(name, cls_name, t) for t in self.ignore):
+    def for_module(self, name: str, module: Any = "Linear") -> QuantizationArgs | None:
+        """The args of the most specific matching group (full name > regex > class name, the
+        recipe's own rule: :func:`ferroquant.config.match_specificity`); ``module`` is the module
+        or its class name. The first of equally specific groups wins (a reader is lenient)."""
+        if any(match_target(name, module, t) for t in self.ignore):
             return None
-        # exact names first, then regexes, then class names (compressed-tensors' precedence)
-        for rank in (0, 1, 2):
-            for targets, args in self.groups:
-                for t in targets:
-                    kind = 1 if t.startswith("re:") else (0 if t == name else 2)
-                    if kind == rank and self._match(name, cls_name, t):
-                        return args
-        return None
+        best: tuple[int, QuantizationArgs] | None = None
+        for targets, args in self.groups:
+            spec = max((match_specificity(name, module, t) for t in targets), default=0)
+            if spec and (best is None or spec > best[0]):
+                best = (spec, args)
+        return None if best is None else best[1]
 
 
-def read_layer(
+@dataclass
+class LayerHeader:
+    """One quantized layer's args and shape, checked from the headers (and ``weight_shape``)."""
+
+    args: QuantizationArgs
+    in_features: int
+    out_features: int
+    n_groups: int
+    why: str
+
+
+def check_layer_header(
     files: CheckpointFiles, prefix: str, settings: CTSettings,
     in_features: int | None = None, out_features: int | None = None,
-) -> LayerCodes:
+) -> LayerHeader:
+    """Check presence, dtypes and shapes of one layer's tensors against the config (and the
+    model's layer shape where known); of the data only the 2-integer ``weight_shape`` is read."""
     args = settings.for_module(prefix)
     if args is None:
         raise CheckpointError(
@@ -236,19 +255,32 @@ def read_layer(
     why = f"bits={b}, group_size={gs} from {settings.source}, weight_shape={ws}"
     files.expect(f"{prefix}.weight_packed", torch.int32, (out, -(-inp * b // 32)), why)
     files.expect(f"{prefix}.weight_scale", (torch.float16, torch.bfloat16, torch.float32), (out, ng), why)
-    codes = solver.unpack_ct_weight(files.get(f"{prefix}.weight_packed"), b, inp).to(torch.uint8)
     if args.symmetric:
         if f"{prefix}.weight_zero_point" in files:
             raise CheckpointError(
                 f"{files.info(prefix + '.weight_zero_point').file}: tensor '{prefix}.weight_zero_point' "
                 f"present but {settings.source} says symmetric"
             )
-        zeros = torch.full((out, ng), 1 << (b - 1), dtype=torch.int32)
     else:
         files.expect(f"{prefix}.weight_zero_point", torch.int32, (-(-out * b // 32), ng), why)
-        zeros = solver.unpack_ct_zero_point(files.get(f"{prefix}.weight_zero_point"), b, out).to(torch.int32)
     if f"{prefix}.weight_g_idx" in files:
         files.expect(f"{prefix}.weight_g_idx", (torch.int32, torch.int64), (inp,), why)
+    return LayerHeader(args, inp, out, ng, why)
+
+
+def read_layer(
+    files: CheckpointFiles, prefix: str, settings: CTSettings,
+    in_features: int | None = None, out_features: int | None = None,
+) -> LayerCodes:
+    h = check_layer_header(files, prefix, settings, in_features, out_features)
+    args, inp, out, ng, why = h.args, h.in_features, h.out_features, h.n_groups, h.why
+    b = int(args.num_bits)
+    codes = solver.unpack_ct_weight(files.get(f"{prefix}.weight_packed"), b, inp).to(torch.uint8)
+    if args.symmetric:
+        zeros = torch.full((out, ng), 1 << (b - 1), dtype=torch.int32)
+    else:
+        zeros = solver.unpack_ct_zero_point(files.get(f"{prefix}.weight_zero_point"), b, out).to(torch.int32)
+    if f"{prefix}.weight_g_idx" in files:
         g_idx = files.get(f"{prefix}.weight_g_idx").to(torch.int32)
         if inp and (int(g_idx.min()) < 0 or int(g_idx.max()) >= ng):
             raise CheckpointError(
@@ -260,7 +292,7 @@ def read_layer(
     else:
         from .common import default_g_idx
 
-        g_idx = default_g_idx(inp, gs)
+        g_idx = default_g_idx(inp, args.effective_group_size)
     scales = files.get(f"{prefix}.weight_scale").to(torch.float32)
     bias = files.get(f"{prefix}.bias") if f"{prefix}.bias" in files else None
     return LayerCodes(codes, scales, zeros, g_idx, args, bias)

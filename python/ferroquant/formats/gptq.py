@@ -14,6 +14,7 @@ Weight = ``scales[g_idx[i], o] * (code[i, o] - zero[g_idx[i], o])``.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -29,48 +30,47 @@ GPTQ_BITS = (2, 3, 4, 8)
 TENSOR_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx", "bias")
 
 
+# Scales are stored in float16 whatever the model's dtype (what every GPTQ loader expects).
+SCALE_DTYPE = torch.float16
+
+
 def version_of(checkpoint_format: str) -> int:
-    cf = checkpoint_format.lower()
-    if cf == "gptq":
-        return 1
-    if cf == "gptq_v2":
-        return 2
-    raise ValueError(f"checkpoint_format {checkpoint_format!r}: expected 'gptq' (v1) or 'gptq_v2'")
+    """1 or 2 for a canonical ``checkpoint_format`` ('gptq' or 'gptq_v2'; see
+    :func:`ferroquant.formats.feasibility.canonical_checkpoint_format` for the spellings)."""
+    from .feasibility import canonical_checkpoint_format
+
+    return 1 if canonical_checkpoint_format(checkpoint_format) == "gptq" else 2
+
+
+def layout_problem(out_features: int, in_features: int, bits: int) -> str | None:
+    """Why GPTQ's packed layout cannot hold a layer of this shape and width, or None."""
+    if bits not in GPTQ_BITS:
+        return f"{bits}-bit weights cannot be stored in GPTQ format (bits must be one of {GPTQ_BITS})"
+    step = 32 // math.gcd(bits, 32)
+    if in_features * bits % 32:
+        return (f"in_features={in_features} x {bits} bits is not a whole number of 32-bit words, "
+                f"which GPTQ's qweight needs (in_features must be a multiple of {step})")
+    if out_features * bits % 32:
+        return (f"out_features={out_features} x {bits} bits is not a whole number of 32-bit words, "
+                f"which GPTQ's qzeros needs (out_features must be a multiple of {step})")
+    return None
+
+
+V1_ASYMMETRIC = "asymmetric scheme: GPTQ v1 stores zero-1 in unsigned bits and cannot store a zero point of 0"
 
 
 def check_layer(name: str, layer: LayerCodes, version: int) -> None:
     """Refuse what the GPTQ layout cannot store, saying what to do instead."""
-    b = layer.bits
-    if b not in GPTQ_BITS:
-        raise ValueError(
-            f"{name}: {b}-bit weights cannot be stored in GPTQ format (bits must be one of "
-            f"{GPTQ_BITS}); use format='compressed-tensors' or ignore this layer"
-        )
-    if layer.in_features * b % 32:
-        raise ValueError(
-            f"{name}: in_features={layer.in_features} x {b} bits is not a whole number of 32-bit "
-            f"words, which GPTQ's qweight needs (in_features must be a multiple of "
-            f"{32 // _gcd(b, 32)}); use format='compressed-tensors' or add this layer to ignore"
-        )
-    if layer.out_features * b % 32:
-        raise ValueError(
-            f"{name}: out_features={layer.out_features} x {b} bits is not a whole number of 32-bit "
-            f"words, which GPTQ's qzeros needs (out_features must be a multiple of "
-            f"{32 // _gcd(b, 32)}); use format='compressed-tensors' or add this layer to ignore"
-        )
+    problem = layout_problem(layer.out_features, layer.in_features, layer.bits)
+    if problem is not None:
+        raise CheckpointError(f"{name}: {problem}; use format='compressed-tensors' or add this layer to ignore")
     if version == 1 and bool((layer.zeros <= 0).any()):
         o, g = (int(v) for v in (layer.zeros <= 0).nonzero()[0])
-        raise ValueError(
+        raise CheckpointError(
             f"{name}: zero point 0 (row {o}, group {g}) cannot be stored in GPTQ v1, which "
             "stores zero-1 in unsigned bits and would wrap it to 2**bits-1; save with "
             "checkpoint_format='gptq_v2' or format='compressed-tensors'"
         )
-
-
-def _gcd(a: int, b: int) -> int:
-    import math
-
-    return math.gcd(a, b)
 
 
 def layer_tensors(prefix: str, layer: LayerCodes, version: int) -> dict[str, torch.Tensor]:
@@ -81,7 +81,7 @@ def layer_tensors(prefix: str, layer: LayerCodes, version: int) -> dict[str, tor
     out = {
         f"{prefix}.qweight": solver.pack_gptq_qweight(codes, b),
         f"{prefix}.qzeros": solver.pack_gptq_qzeros(zeros, b, version=version),
-        f"{prefix}.scales": layer.scales.t().contiguous().to(torch.float16),
+        f"{prefix}.scales": layer.scales.t().contiguous().to(SCALE_DTYPE),
         f"{prefix}.g_idx": layer.g_idx.to(torch.int32).contiguous(),
     }
     if layer.bias is not None:
@@ -188,7 +188,10 @@ class GPTQSettings:
             raise CheckpointError(f"{source}: GPTQ bits={bits} not one of {GPTQ_BITS}")
         if gs == 0 or gs < -1:
             raise CheckpointError(f"{source}: GPTQ group_size={gs} (expected -1 or a positive size)")
-        fmt = str(qc.get("checkpoint_format") or qc.get("format") or "gptq").lower()
+        from .feasibility import CHECKPOINT_FORMAT_ALIASES
+
+        raw = str(qc.get("checkpoint_format") or qc.get("format") or "gptq")
+        fmt = CHECKPOINT_FORMAT_ALIASES.get(raw.lower(), raw)
         if fmt not in ("gptq", "gptq_v2"):
             raise CheckpointError(
                 f"{source}: GPTQ checkpoint_format {fmt!r} is not supported (only 'gptq' v1 and "
@@ -229,11 +232,25 @@ def quantized_prefixes(files: CheckpointFiles) -> list[str]:
     return sorted(n[: -len(".qweight")] for n in files.names() if n.endswith(".qweight"))
 
 
-def read_layer(
+@dataclass
+class LayerHeader:
+    """One quantized layer's settings and shape, checked from the safetensors headers alone."""
+
+    bits: int
+    group_size: int
+    sym: bool
+    in_features: int
+    out_features: int
+    n_groups: int
+    why: str
+
+
+def check_layer_header(
     files: CheckpointFiles, prefix: str, settings: GPTQSettings,
     in_features: int | None = None, out_features: int | None = None,
-) -> LayerCodes:
-    """Decode one layer's tensors into codes, validating every shape against the config."""
+) -> LayerHeader:
+    """Check presence, dtypes and shapes of one layer's tensors against the config (and the
+    model's layer shape where known) without reading any tensor data."""
     per = settings.for_module(prefix)
     if per is None:
         raise CheckpointError(
@@ -268,6 +285,18 @@ def read_layer(
     files.expect(f"{prefix}.scales", (torch.float16, torch.bfloat16, torch.float32), (ng, out), why)
     if f"{prefix}.g_idx" in files:
         files.expect(f"{prefix}.g_idx", (torch.int32, torch.int64), (in_features,), why)
+    return LayerHeader(bits, gs, sym, in_features, out, ng, why)
+
+
+def read_layer(
+    files: CheckpointFiles, prefix: str, settings: GPTQSettings,
+    in_features: int | None = None, out_features: int | None = None,
+) -> LayerCodes:
+    """Decode one layer's tensors into codes, validating every shape against the config."""
+    h = check_layer_header(files, prefix, settings, in_features, out_features)
+    bits, gs, sym, in_features, out, ng, why = (h.bits, h.group_size, h.sym, h.in_features,
+                                                h.out_features, h.n_groups, h.why)
+    if f"{prefix}.g_idx" in files:
         g_idx = files.get(f"{prefix}.g_idx").to(torch.int32)
         if in_features and (int(g_idx.min()) < 0 or int(g_idx.max()) >= ng):
             raise CheckpointError(

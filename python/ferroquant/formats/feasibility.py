@@ -1,0 +1,223 @@
+"""What a checkpoint format can hold, decided before any calibration: the format and GPTQ
+version names, the dtype scales are stored in, the layers a recipe will quantize, and whether
+every one of them fits the chosen layout (all offenders reported at once, with ways out)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import nn
+
+from . import compressed_tensors as ct
+from . import gptq
+from .common import CheckpointError
+
+__all__ = [
+    "CHECKPOINT_FORMAT_ALIASES",
+    "FORMAT_ALIASES",
+    "TargetLayer",
+    "canonical_checkpoint_format",
+    "canonical_format",
+    "check_feasible",
+    "format_of",
+    "resolve_checkpoint_format",
+    "scale_dtype_for",
+    "target_layers",
+]
+
+# Every spelling accepted anywhere (API, CLI, a checkpoint's config) -> the canonical name.
+FORMAT_ALIASES = {
+    "gptq": "gptq",
+    "compressed-tensors": "compressed-tensors",
+    "compressed_tensors": "compressed-tensors",
+    "ct": "compressed-tensors",
+    "pack-quantized": "compressed-tensors",
+}
+CHECKPOINT_FORMAT_ALIASES = {
+    "gptq": "gptq", "gptq_v1": "gptq", "gptq-v1": "gptq", "v1": "gptq",
+    "gptq_v2": "gptq_v2", "gptq-v2": "gptq_v2", "v2": "gptq_v2",
+}
+
+V2_NOTE = "asymmetric scheme: writing GPTQ v2 (v1 cannot store a zero point of 0)"
+
+Hint = Literal["api", "cli"]
+
+
+def canonical_format(fmt: str) -> str:
+    """'gptq' or 'compressed-tensors' for any accepted spelling; ValueError otherwise."""
+    f = FORMAT_ALIASES.get(str(fmt).lower())
+    if f is None:
+        raise ValueError(f"format {fmt!r}: expected 'gptq' or 'compressed-tensors'")
+    return f
+
+
+def canonical_checkpoint_format(checkpoint_format: str) -> str:
+    """'gptq' (v1) or 'gptq_v2' for any accepted spelling; ValueError otherwise."""
+    cf = CHECKPOINT_FORMAT_ALIASES.get(str(checkpoint_format).lower())
+    if cf is None:
+        raise ValueError(f"checkpoint_format {checkpoint_format!r}: expected 'gptq' / 'v1' "
+                         "or 'gptq_v2' / 'v2'")
+    return cf
+
+
+def format_of(quantization_config: dict[str, Any]) -> str | None:
+    """'gptq' or 'compressed-tensors' for a checkpoint's ``quantization_config`` (GPTQ configs
+    from older writers carry ``bits`` and no ``quant_method``); None for anything else."""
+    method = str(quantization_config.get("quant_method") or quantization_config.get("method")
+                 or "").lower()
+    if method == "gptq" or (not method and "bits" in quantization_config):
+        return "gptq"
+    if method == "compressed-tensors":
+        return "compressed-tensors"
+    return None
+
+
+def scale_dtype_for(format: str, checkpoint_format: str | None,
+                    model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a checkpoint stores scales in: float16 for GPTQ (v1 and v2), the model's own
+    dtype for compressed-tensors."""
+    if canonical_format(format) == "gptq":
+        return gptq.SCALE_DTYPE
+    return model_dtype
+
+
+def resolve_checkpoint_format(format: str, checkpoint_format: str | None, any_asymmetric: bool,
+                              *, hint: Hint = "api") -> tuple[str | None, str | None]:
+    """(canonical checkpoint_format for :func:`ferroquant.formats.save`, a note or None).
+
+    GPTQ defaults to v1 (read by every engine) and to v2 when a scheme is asymmetric, since v1
+    stores ``zero - 1`` in unsigned bits and a zero point of 0 would wrap; an explicit v1 with
+    an asymmetric scheme is an error. compressed-tensors has no versions: None."""
+    fmt = canonical_format(format)
+    if fmt != "gptq":
+        if checkpoint_format is not None:
+            flag = "--checkpoint-format" if hint == "cli" else "checkpoint_format"
+            raise CheckpointError(f"{flag} {checkpoint_format!r} applies to the GPTQ format only, "
+                                  "not to compressed-tensors")
+        return None, None
+    if checkpoint_format is None:
+        return ("gptq_v2", V2_NOTE) if any_asymmetric else ("gptq", None)
+    cf = canonical_checkpoint_format(checkpoint_format)
+    if cf == "gptq" and any_asymmetric:
+        way = ("--checkpoint-format v2 (or leave it out) or --format compressed-tensors"
+               if hint == "cli" else "checkpoint_format='gptq_v2' (or None) or "
+               "format='compressed-tensors'")
+        raise CheckpointError(f"{gptq.V1_ASYMMETRIC}; use {way}, or a symmetric scheme")
+    return cf, None
+
+
+class TargetLayer(NamedTuple):
+    name: str
+    out_features: int
+    in_features: int
+    args: Any  # ferroquant.config.QuantizationArgs
+    is_conv1d: bool
+
+
+def target_layers(model: nn.Module, recipe: Any) -> list[TargetLayer]:
+    """The layers ``recipe`` will quantize in ``model``, in module order: inside the decoder
+    blocks by any target match, outside them only by full name or regex (as the pipeline
+    selects them)."""
+    from ..blocks import find_blocks, is_quantizable, linear_weight
+    from ..config import GPTQ
+
+    r = GPTQ.coerce(recipe)
+    blocks = find_blocks(model, r.sequential_targets)
+    groups = r.resolved_groups()
+    prefixes = tuple(n + "." for n in blocks.names)
+    out = []
+    for name, mod in model.named_modules():
+        if not is_quantizable(mod):
+            continue
+        in_block = name.startswith(prefixes)
+        args = r.args_for(name, mod, in_block=in_block, groups=groups)
+        if args is None:
+            continue
+        w, transposed = linear_weight(mod)
+        out.append(TargetLayer(name, int(w.shape[0]), int(w.shape[1]), args, transposed))
+    return out
+
+
+def _problem(fmt: str, version: int, layer: TargetLayer) -> str | None:
+    if fmt == "gptq":
+        p = gptq.layout_problem(layer.out_features, layer.in_features, int(layer.args.num_bits))
+        if p is None and version == 1 and not layer.args.symmetric:
+            p = gptq.V1_ASYMMETRIC
+        return p
+    return ct.layout_problem(layer.out_features, layer.in_features, layer.args, layer.is_conv1d)
+
+
+def _fitting_group_size(layers: list[TargetLayer]) -> int | None:
+    """The largest power of two >= 16 dividing every width, below the current group sizes."""
+    cap = min(int(la.args.effective_group_size) for la in layers)
+    g = math.gcd(*(la.in_features for la in layers))
+    best = None
+    p = 16
+    while p < cap and g % p == 0:
+        best = p
+        p *= 2
+    return best
+
+
+def check_feasible(layers: list[TargetLayer] | list[tuple[Any, ...]], format: str,
+                   checkpoint_format: str | None, *, hint: Hint,
+                   suggest_other_format: bool = True) -> None:
+    """Raise :class:`CheckpointError` listing every layer the chosen format cannot hold, with
+    the ways out spelled for where the user is (``hint="cli"``: flags; ``"api"``: keyword
+    arguments). The other format is suggested only when it holds every offending layer (and
+    ``suggest_other_format``: not when converting from it)."""
+    fmt = canonical_format(format)
+    version = 0
+    if fmt == "gptq":
+        version = gptq.version_of(checkpoint_format or "gptq")
+    tl = [la if isinstance(la, TargetLayer) else TargetLayer(*la) for la in layers]
+    bad = [(la, p) for la in tl if (p := _problem(fmt, version, la)) is not None]
+    if not bad:
+        return
+    cli = hint == "cli"
+    other = "compressed-tensors" if fmt == "gptq" else "gptq"
+    v1_only = any(p == gptq.V1_ASYMMETRIC for _, p in bad)
+    label = {"gptq": "GPTQ v1" if v1_only else "GPTQ", "compressed-tensors": "compressed-tensors"}[fmt]
+    lines = [f"{len(bad)} layer(s) cannot be stored in the {label} format:"]
+    by_problem: dict[str, list[str]] = {}
+    for la, p in bad:
+        by_problem.setdefault(p, []).append(la.name)
+    lines += [f"  {', '.join(names)}: {p}" for p, names in by_problem.items()]
+    ways = []
+    per_channel = [TargetLayer(la.name, la.out_features, la.in_features,
+                               la.args.model_copy(update={"strategy": "channel", "group_size": None}),
+                               la.is_conv1d) for la, _ in bad]
+    if not suggest_other_format:
+        pass
+    elif all(_problem(other, 2, la) is None for la, _ in bad):
+        ways.append(f"--format {other}" if cli else f"format={other!r}")
+    elif other == "compressed-tensors" and all(_problem(other, 2, la) is None for la in per_channel):
+        # only the group size stands in the way there
+        ways.append(f"--format {other} --group-size -1" if cli else
+                    f"format={other!r} with group_size=-1 (per channel) in the recipe")
+    if fmt == "gptq" and version == 1 and all(
+            gptq.layout_problem(la.out_features, la.in_features, int(la.args.num_bits)) is None
+            for la, _ in bad):
+        ways.append("--checkpoint-format v2" if cli else "checkpoint_format='gptq_v2'")
+    if fmt == "compressed-tensors" and all(p.startswith("in_features=") for _, p in bad):
+        gs = _fitting_group_size([la for la, _ in bad])
+        if cli:
+            ways.append("--group-size -1 (per channel)" + (f" or --group-size {gs}" if gs else ""))
+        else:
+            ways.append("group_size=-1 (per channel)" + (f" or group_size={gs}" if gs else "")
+                        + " in the recipe")
+    names = [la.name for la, _ in bad]
+    if len(names) > 4:  # one regex on the layers' own names instead of a long list
+        short = sorted({n.rsplit(".", 1)[-1] for n in names})
+        alt = short[0] if len(short) == 1 else "(" + "|".join(short) + ")"
+        names = [f"re:.*\\.{alt}$"]
+    if cli:
+        ways.append("leave them unquantized: " + " ".join(
+            f"--ignore '{n}'" if n.startswith("re:") else f"--ignore {n}" for n in names))
+    else:
+        ways.append(f"leave them unquantized: ignore=[..., {', '.join(map(repr, names))}] in "
+                    "the recipe")
+    lines.append("ways out: " + "; or ".join(ways))
+    raise CheckpointError("\n".join(lines))
