@@ -595,3 +595,24 @@ def test_inspect_imports_neither_transformers_nor_the_pipeline(quantized):
     assert "after import: False False" in proc.stdout
     assert "after inspect: False False" in proc.stdout
     assert "format: compressed-tensors" in proc.stdout
+
+
+@needs_data
+def test_method_rtn_writes_round_to_nearest_codes(capsys, tmp_path, calib_file):
+    import torch
+    from ferroquant import solver
+    from ferroquant.formats import load
+
+    out = tmp_path / "rtn"
+    rc, _, err = run(capsys, "quantize", STORIES, out, "--method", "rtn", "--group-size", "-1",
+                     "--format", "compressed-tensors", "--calibration", calib_file,
+                     "--num-samples", "2", "--seq-len", "64", "--quiet")
+    assert rc == 0, err
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float32)
+    q = load(out)
+    name = "model.layers.0.mlp.down_proj"
+    want = solver.rtn_quantize(ref.get_submodule(name).weight, bits=4, group_size=-1)
+    got = q.get_submodule(name).fq_quant
+    assert torch.equal(got.codes, want.codes) and torch.equal(got.scales, want.scales)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ferroquant.api import target_layers
 from ferroquant.config import GPTQ
 from ferroquant.formats import save
 from ferroquant.formats.common import CheckpointError
@@ -19,7 +20,6 @@ from ferroquant.formats.feasibility import (
     check_feasible,
     resolve_checkpoint_format,
     scale_dtype_for,
-    target_layers,
 )
 from test_formats_common import args_of, block_linears, quantize, tiny_llama
 from tiny_models import tiny_lm

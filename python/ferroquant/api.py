@@ -3,24 +3,45 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
 from .calibration import CalibrationSet, from_tensors
 from .config import GPTQ
-from .modifiers import GPTQModifier, Modifier, QuantizationModifier
+from .modifiers import GPTQModifier, Modifier, QuantizationModifier, WeightModifier
 from .pipeline import SequentialPipeline
 from .report import QuantizationReport
 
-__all__ = ["quantize"]
+if TYPE_CHECKING:
+    from .formats.feasibility import TargetLayer
+
+__all__ = ["quantize", "target_layers"]
 
 METHODS = ("gptq", "rtn")
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def target_layers(model: nn.Module, recipe: GPTQ | dict[str, Any] | str | Path
+                  ) -> list[TargetLayer]:
+    """The layers ``recipe`` quantizes in ``model`` (the modifiers' own target resolution: inside
+    the decoder blocks by any match, outside them only by full name or regex), with what a
+    checkpoint format needs to know of each."""
+    from .blocks import find_blocks, linear_weight
+    from .formats.feasibility import TargetLayer
+
+    r = GPTQ.coerce(recipe)
+    per_block, outside = WeightModifier(r).resolve_targets(
+        model, find_blocks(model, r.sequential_targets))
+    out = []
+    for t in [t for ts in per_block for t in ts] + outside:
+        w, transposed = linear_weight(t.module)
+        out.append(TargetLayer(t.name, int(w.shape[0]), int(w.shape[1]), t.args, transposed))
+    return out
 
 
 def _checkpoint_plan(model: nn.Module, recipe: GPTQ, format: str | None,
@@ -34,7 +55,7 @@ def _checkpoint_plan(model: nn.Module, recipe: GPTQ, format: str | None,
                 "scale_dtype": _model_dtype(model)}, None
     from .formats import feasibility
 
-    layers = feasibility.target_layers(model, recipe)
+    layers = target_layers(model, recipe)
     fmt = feasibility.canonical_format(format)
     ckpt, note = feasibility.resolve_checkpoint_format(
         fmt, checkpoint_format, any(not la.args.symmetric for la in layers), hint=hint)

@@ -248,7 +248,8 @@ def build_recipe(recipe_file: str | None = None, *, scheme: str | None = None,
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from . import api, calibration, formats
-    from .formats.feasibility import check_feasible, resolve_checkpoint_format, target_layers
+    from .api import target_layers
+    from .formats.feasibility import check_feasible, resolve_checkpoint_format
     from .models import load_model, shipped_text
 
     _model_arg(args.model)
@@ -284,8 +285,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     print(f"calibration: {calib_path} -> {len(calib)} samples, {calib.num_tokens} tokens "
           f"(seq_len {seq_len})")
     t0 = time.perf_counter()
-    report = api.quantize(model, recipe, calib, device=args.device, show_progress=not args.quiet,
-                          format=args.format, checkpoint_format=ckpt_format)
+    report = api.quantize(model, recipe, calib, method=args.method, device=args.device,
+                          show_progress=not args.quiet, format=args.format,
+                          checkpoint_format=ckpt_format, _hint="cli")
     seconds = time.perf_counter() - t0
     path = formats.save(model, out, format=args.format, checkpoint_format=ckpt_format,
                         overwrite=args.overwrite, tokenizer=tok)
@@ -629,6 +631,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--actorder", choices=["static", "group", "none"], default=None,
                    help="activation order (default static)")
     q.add_argument("--observer", choices=["minmax", "mse"], default=None)
+    q.add_argument("--method", choices=["gptq", "rtn"], default="gptq",
+                   help="gptq (default) or rtn: round-to-nearest with the observer, no Hessian")
     q.add_argument("--dampening-frac", type=float, default=None,
                    help="damping as a fraction of mean(diag H) (default 0.01)")
     q.add_argument("--forward-dtype", choices=["bfloat16", "float16", "float32", "model"],

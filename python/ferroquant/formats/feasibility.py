@@ -8,7 +8,6 @@ import math
 from typing import Any, Literal, NamedTuple
 
 import torch
-from torch import nn
 
 from . import compressed_tensors as ct
 from . import gptq
@@ -24,7 +23,6 @@ __all__ = [
     "format_of",
     "resolve_checkpoint_format",
     "scale_dtype_for",
-    "target_layers",
 ]
 
 # Every spelling accepted anywhere (API, CLI, a checkpoint's config) -> the canonical name.
@@ -114,30 +112,6 @@ class TargetLayer(NamedTuple):
     in_features: int
     args: Any  # ferroquant.config.QuantizationArgs
     is_conv1d: bool
-
-
-def target_layers(model: nn.Module, recipe: Any) -> list[TargetLayer]:
-    """The layers ``recipe`` will quantize in ``model``, in module order: inside the decoder
-    blocks by any target match, outside them only by full name or regex (as the pipeline
-    selects them)."""
-    from ..blocks import find_blocks, is_quantizable, linear_weight
-    from ..config import GPTQ
-
-    r = GPTQ.coerce(recipe)
-    blocks = find_blocks(model, r.sequential_targets)
-    groups = r.resolved_groups()
-    prefixes = tuple(n + "." for n in blocks.names)
-    out = []
-    for name, mod in model.named_modules():
-        if not is_quantizable(mod):
-            continue
-        in_block = name.startswith(prefixes)
-        args = r.args_for(name, mod, in_block=in_block, groups=groups)
-        if args is None:
-            continue
-        w, transposed = linear_weight(mod)
-        out.append(TargetLayer(name, int(w.shape[0]), int(w.shape[1]), args, transposed))
-    return out
 
 
 def _problem(fmt: str, version: int, layer: TargetLayer) -> str | None:
