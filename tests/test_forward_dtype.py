@@ -50,9 +50,10 @@ def test_bf16_forward_equals_calibrating_the_bf16_model(arch: str, batched: bool
     for p in b16.parameters():  # buffers (rotary frequencies) stay float32, as forward_dtype's
         p.data = p.data.to(torch.bfloat16)
     recipe = GPTQ(group_size=16)
+    # one storage dtype for the scales of both (GPTQ's float16), so their grids are the same
     ra = run_gptq(f32, recipe.model_copy(update={"forward_dtype": "bfloat16"}), _calib(),
-                  show_progress=False, batched=batched)
-    rb = run_gptq(b16, recipe, _calib(), show_progress=False, batched=batched)
+                  show_progress=False, batched=batched, format="gptq")
+    rb = run_gptq(b16, recipe, _calib(), show_progress=False, batched=batched, format="gptq")
     assert [r.name for r in ra] == [r.name for r in rb]
     assert len(ra) == {"llama": 14, "gpt2": 8}[arch]
     qa, qb = _quantized(f32), _quantized(b16)
