@@ -27,6 +27,9 @@ class GridSpec:
     grid: int = 100
     maxshrink: float = 0.8
     norm: float = 2.4
+    # Storage dtype of the scales (torch.float16 / torch.bfloat16): every scale is rounded to it
+    # when computed, before its zero point and codes; None keeps the computing dtype.
+    scale_dtype: torch.dtype | None = None
 
     @property
     def maxq(self) -> int:
@@ -43,6 +46,22 @@ def codes_of(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int
     return torch.clamp(torch.round(x / scale) + zero, 0, maxq)
 
 
+def round_scale(scale: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``scale`` rounded to ``dtype`` by torch's conversion (ties to even), in its own dtype; a
+    positive scale that would round to 0 becomes the dtype's smallest positive (subnormal)."""
+    if dtype is None:
+        return scale
+    r = scale.to(dtype).to(scale.dtype)
+    tiny = torch.tensor(1, dtype=torch.int16).view(dtype).to(scale.dtype)
+    return torch.where((r == 0) & (scale > 0), tiny, r)
+
+
+def _zero(xmin: torch.Tensor, scale: torch.Tensor, spec: GridSpec) -> torch.Tensor:
+    zero = torch.round(-xmin / scale)
+    # A rounded scale may sit below the exact one: the zero stays inside the grid.
+    return zero if spec.scale_dtype is None else zero.clamp(0, spec.maxq)
+
+
 def find_params(x: torch.Tensor, spec: GridSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row ``(scale, zero)`` of ``x`` ``[rows, k]``, each ``[rows, 1]`` (reference Quantizer)."""
     maxq = spec.maxq
@@ -56,18 +75,18 @@ def find_params(x: torch.Tensor, spec: GridSpec) -> tuple[torch.Tensor, torch.Te
     both_zero = (xmin == 0) & (xmax == 0)
     xmin = torch.where(both_zero, torch.full_like(xmin, -1), xmin)
     xmax = torch.where(both_zero, torch.full_like(xmax, 1), xmax)
-    scale = (xmax - xmin) / maxq
+    scale = round_scale((xmax - xmin) / maxq, spec.scale_dtype)
     if spec.symmetric:
         zero = torch.full_like(scale, (maxq + 1) / 2)
     else:
-        zero = torch.round(-xmin / scale)
+        zero = _zero(xmin, scale, spec)
     if spec.observer == "mse":
         best = torch.full([x.shape[0]], float("inf"), dtype=x.dtype, device=x.device)
         for i in range(int(spec.maxshrink * spec.grid)):
             p = 1 - i / spec.grid
             xmin1, xmax1 = p * xmin, p * xmax
-            scale1 = (xmax1 - xmin1) / maxq
-            zero1 = torch.round(-xmin1 / scale1) if not spec.symmetric else zero
+            scale1 = round_scale((xmax1 - xmin1) / maxq, spec.scale_dtype)
+            zero1 = _zero(xmin1, scale1, spec) if not spec.symmetric else zero
             err = (
                 (quantize(x, scale1[:, None], zero1[:, None], maxq) - x).abs().pow(spec.norm).sum(1)
             )

@@ -231,6 +231,116 @@ def test_damped_inverse_upper_is_the_reference_factor() -> None:
     assert f["damp_value"] == pytest.approx(0.01 * float(torch.diag(h.double()).mean()), rel=1e-5)
 
 
+ROUNDED_CASES = [
+    (172, -1, False, False, True, 4, "minmax"),
+    (172, 32, True, False, False, 3, "minmax"),
+    (172, 64, True, True, False, 4, "minmax"),
+    (172, 48, False, False, False, 2, "mse"),
+    (576, 128, False, False, True, 8, "minmax"),
+]
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("case", ROUNDED_CASES, ids=[case_id(c) for c in ROUNDED_CASES])
+def test_rounded_scales_match_the_reference(case: tuple, scale_dtype: torch.dtype) -> None:
+    """Scales rounded to their storage dtype inside the solve: the checkpoint's grid is the one
+    the codes were chosen on and the errors propagated with."""
+    cols, group_size, act_order, static_groups, symmetric, bits, observer = case
+    w, h = layer(cols)
+    spec = GridSpec(bits=bits, symmetric=symmetric, observer=observer, scale_dtype=scale_dtype)
+    kw = {
+        "bits": bits,
+        "symmetric": symmetric,
+        "group_size": group_size,
+        "act_order": act_order,
+        "static_groups": static_groups,
+        "observer": observer,
+    }
+    name = "float16" if scale_dtype == torch.float16 else "bfloat16"
+    r = solver.gptq_quantize(w, h, scale_dtype=name, **kw)
+    # A torch dtype works as well as its name.
+    r2 = solver.gptq_quantize(w, h, scale_dtype=scale_dtype, **kw)
+    assert torch.equal(r.codes, r2.codes) and torch.equal(r.scales, r2.scales)
+    ref = gptq_reference(
+        w,
+        h,
+        spec,
+        group_size=group_size,
+        act_order=act_order,
+        static_groups=static_groups,
+        block_size=ref_block(group_size, static_groups),
+    )
+    # Returned scales are float32 tensors holding representable values, and the dequantized
+    # weight is exactly what a loader rebuilds from the stored (16-bit) scales.
+    assert r.scales.dtype == torch.float32
+    assert torch.equal(r.scales.to(scale_dtype).float(), r.scales)
+    gi = r.g_idx.long()
+    stored = r.scales.to(scale_dtype).float()
+    assert torch.equal(r.dequantized, stored[:, gi] * (r.codes.float() - r.zeros[:, gi].float()))
+    assert int(r.zeros.min()) >= 0 and int(r.zeros.max()) <= 2**bits - 1
+    # Codes and loss follow the float64 reference on the same rounded grids (f32 vs f64 may
+    # flip a rounding tie, after which that row legitimately diverges).
+    same_codes = (r.codes.double() == ref.codes).double().mean()
+    assert same_codes > 0.95, float(same_codes)
+    ours, theirs = proxy_loss(w, r.dequantized, h), proxy_loss(w, ref.dequantized, h)
+    assert abs(ours - theirs) <= 0.01 * theirs, (ours, theirs)
+    assert r.loss == pytest.approx(ours, rel=1e-3)
+    # The float32 solve's codes differ: rounding its scales afterwards would store a grid the
+    # codes were not chosen on.
+    f32 = solver.gptq_quantize(w, h, **kw)
+    assert not torch.equal(f32.codes, r.codes)
+
+
+@pytest.mark.parametrize("scale_dtype", ["float16", "bfloat16"])
+def test_rtn_codes_use_the_rounded_scales(scale_dtype: str) -> None:
+    w, _ = layer(172)
+    dt = getattr(torch, scale_dtype)
+    for group_size, symmetric in [(32, False), (-1, True)]:
+        r = solver.rtn_quantize(
+            w, bits=4, symmetric=symmetric, group_size=group_size, scale_dtype=scale_dtype
+        )
+        assert torch.equal(r.scales.to(dt).float(), r.scales)
+        gi = r.g_idx.long()
+        s, z = r.scales[:, gi].double(), r.zeros[:, gi].double()
+        x = w.double() / s
+        expect = torch.clamp(torch.round(x) + z, 0, 15)
+        tie = ((x - x.floor()) - 0.5).abs() < 1e-6
+        assert bool(((r.codes.double() == expect) | tie).all())
+        ref = rtn_reference(
+            w, GridSpec(bits=4, symmetric=symmetric, scale_dtype=dt), group_size=group_size
+        )
+        assert torch.isclose(r.dequantized.double(), ref, rtol=1e-6, atol=0).float().mean() > 0.999
+
+
+def test_scale_dtype_errors_and_edge_cases() -> None:
+    w, h = layer(172)
+    with pytest.raises(ValueError, match="'float32', 'float16', 'bfloat16'.*'half'"):
+        solver.gptq_quantize(w, h, scale_dtype="half")
+    with pytest.raises(ValueError, match="scale_dtype must be one of"):
+        solver.rtn_quantize(w, scale_dtype=torch.int8)
+    with pytest.raises(TypeError, match="scale_dtype"):
+        solver.gptq_quantize(w, h, scale_dtype=16)  # type: ignore[arg-type]
+    # float32 (the default) is the float32 solve, bit for bit.
+    a = solver.gptq_quantize(w, h, group_size=32, act_order=True)
+    b = solver.gptq_quantize(w, h, group_size=32, act_order=True, scale_dtype=torch.float32)
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales)
+    # A scale float16 cannot hold: a ValueError naming the layer, the dtype and the way out.
+    big = w.clone()
+    big[5, 17] = 4.0e6
+    for gs in (-1, 32):
+        with pytest.raises(ValueError) as e:
+            solver.gptq_quantize(big, h, group_size=gs, scale_dtype="float16", name="blk.0.up")
+        msg = str(e.value)
+        assert msg.startswith("layer 'blk.0.up': ") and "row 5" in msg
+        assert "float16" in msg and "65504" in msg and "compressed-tensors" in msg
+    solver.gptq_quantize(big, h, group_size=32, scale_dtype="bfloat16")
+    # Weights whose scales underflow float16 get its smallest subnormal, never a 0 scale.
+    tiny = w * 1e-9
+    r = solver.gptq_quantize(tiny, h, group_size=32, scale_dtype="float16")
+    assert bool((r.scales == 2.0**-24).all())
+    assert bool(torch.isfinite(r.dequantized).all()) and math.isfinite(r.loss)
+
+
 def test_reference_lag_is_a_block_size_effect() -> None:
     """Why ``ref_block`` exists: the reference at its default block 128 differs from itself at
     block = group size by as much as it differs from ferroquant, and ferroquant equals the

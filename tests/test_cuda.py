@@ -66,6 +66,8 @@ def test_without_cuda_every_entry_point_raises_runtime_error() -> None:
         {"damp_growth": 1.0},
         {"damp_max": 0.001},
         {"observer": "median"},
+        {"scale_dtype": "half"},
+        {"scale_dtype": torch.int8},
     ],
 )
 def test_option_errors_match_the_cpu_solver(kwargs: dict) -> None:
@@ -191,6 +193,47 @@ def test_gpu_solve_matches_cpu(bits: int, sym: bool, group: int, act: bool, stat
     cpu = solver.gptq_quantize(w, h, **kw)
     dev = fqcuda.gptq_quantize(w.cuda(), h.cuda(), **kw)
     _compare(cpu, dev, bits)
+
+
+@gpu
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("bits", "sym", "group", "act", "static"),
+    [(4, True, -1, False, False), (3, False, 128, False, False), (4, False, 32, True, False),
+     (2, False, 200, True, False), (8, True, 64, True, True)],
+)
+def test_gpu_solve_with_rounded_scales_matches_cpu(
+    scale_dtype: torch.dtype, bits: int, sym: bool, group: int, act: bool, static: bool
+) -> None:
+    w, h = _problem(256, 512, seed=bits * 5 + group, dead=(7,))
+    kw = {
+        "bits": bits,
+        "symmetric": sym,
+        "group_size": group,
+        "act_order": act,
+        "static_groups": static,
+        "scale_dtype": scale_dtype,
+    }
+    cpu = solver.gptq_quantize(w, h, **kw)
+    dev = fqcuda.gptq_quantize(w.cuda(), h.cuda(), **kw)
+    _compare(cpu, dev, bits)
+    s = dev.scales.cpu()
+    assert torch.equal(s.to(scale_dtype).float(), s)
+    gi = dev.g_idx.long()
+    rebuilt = dev.scales[:, gi] * (dev.codes.float() - dev.zeros[:, gi].float())
+    assert torch.equal(dev.dequantized, rebuilt)
+
+
+@gpu
+def test_gpu_float16_scale_overflow_gives_the_cpu_error() -> None:
+    w, h = _problem(8, 64, seed=3)
+    w[2, 9] = 4.0e6
+    with pytest.raises(ValueError) as cpu:
+        solver.gptq_quantize(w, h, group_size=16, scale_dtype="float16", name="blk.1.v")
+    with pytest.raises(ValueError) as dev:
+        fqcuda.gptq_quantize(w.cuda(), h.cuda(), group_size=16, scale_dtype="float16", name="blk.1.v")
+    assert str(dev.value) == str(cpu.value)
+    assert "layer 'blk.1.v'" in str(dev.value) and "float16" in str(dev.value)
 
 
 @gpu

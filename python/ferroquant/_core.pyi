@@ -122,6 +122,7 @@ def gptq_quantize(
     mse_grid: int = 100,
     mse_maxshrink: float = 0.8,
     mse_norm: float = 2.4,
+    scale_dtype: Literal["float32", "float16", "bfloat16"] = "float32",
 ) -> QuantResult:
     """GPTQ of one layer: ``weight`` float32 ``[rows, cols]``, ``hessian`` float32 ``[cols, cols]``.
 
@@ -131,7 +132,9 @@ def gptq_quantize(
     ``col // group_size``. ``block_size`` is the lazy-batch width. Damping starts at
     ``damp_percent`` of ``mean(diag H)`` and grows by ``damp_growth`` up to ``damp_max``.
     ``observer="mse"`` searches ``mse_grid`` shrink steps down to ``1 - mse_maxshrink`` of the
-    range, minimising ``sum |q(x) - x|^mse_norm``."""
+    range, minimising ``sum |q(x) - x|^mse_norm``. Every scale is rounded to ``scale_dtype``
+    (its storage dtype) before codes are chosen with it; a scale beyond float16's range raises
+    ``ValueError``."""
 
 def rtn_quantize(
     weight: npt.NDArray[np.float32],
@@ -144,6 +147,7 @@ def rtn_quantize(
     mse_maxshrink: float = 0.8,
     mse_norm: float = 2.4,
     hessian: npt.NDArray[np.float32] | None = None,
+    scale_dtype: Literal["float32", "float16", "bfloat16"] = "float32",
 ) -> QuantResult:
     """Round-to-nearest with the same grids and result layout as ``gptq_quantize``; ``loss``
     is computed when ``hessian`` is given, else NaN."""
@@ -236,12 +240,13 @@ def cuda_gptq_solve(
     bits: int = 4, symmetric: bool = True, group_size: int = -1, act_order: bool = False,
     static_groups: bool = False, block_size: int = 128, damp_percent: float = 0.01,
     damp_growth: float = 2.0, damp_max: float = 1.0, observer: str = "minmax",
+    scale_dtype: str = "float32",
 ) -> dict[str, Any]:
     """GPTQ on the GPU into caller-allocated outputs; returns loss, damping and dead columns."""
 
 def cuda_check_options(
     *, bits: int = 4, symmetric: bool = True, group_size: int = -1, block_size: int = 128,
     damp_percent: float = 0.01, damp_growth: float = 2.0, damp_max: float = 1.0,
-    observer: str = "minmax",
+    observer: str = "minmax", scale_dtype: str = "float32",
 ) -> None:
     """Raises ``ValueError`` for options the GPU solver does not take (same text as the CPU's)."""

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ferroquant import _core
-from ferroquant.solver import LayerQuantResult, _named
+from ferroquant.solver import LayerQuantResult, _named, _scale_dtype
 
 __all__ = [
     "HessianAccumulator",
@@ -218,12 +218,14 @@ def gptq_quantize(
     damp_max: float = 1.0,
     observer: str = "minmax",  # "mse" is CPU-only for now
     name: str | None = None,
+    scale_dtype: str | torch.dtype = "float32",  # see ferroquant.solver.gptq_quantize
 ) -> LayerQuantResult:
     """GPTQ-quantizes one layer on the GPU; results are CUDA tensors on ``weight``'s device and
     equal :func:`ferroquant.solver.gptq_quantize`'s (codes up to rounding ties)."""
     with _named(name):
         weight = _tensor(weight, "weight")
         hessian = _tensor(hessian, "hessian")
+        sdt = _scale_dtype(scale_dtype)
         _core.cuda_check_options(
             bits=bits,
             symmetric=symmetric,
@@ -233,6 +235,7 @@ def gptq_quantize(
             damp_growth=damp_growth,
             damp_max=damp_max,
             observer=observer,
+            scale_dtype=sdt,
         )
         _require()
         w = _on_cuda(weight, "weight")
@@ -281,6 +284,7 @@ def gptq_quantize(
             damp_growth=damp_growth,
             damp_max=damp_max,
             observer=observer,
+            scale_dtype=sdt,
         )
         perm = r["perm"]
         return LayerQuantResult(

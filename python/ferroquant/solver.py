@@ -182,6 +182,23 @@ class HessianAccumulator:
 # --------------------------------------------------------------------------------------------
 
 
+_SCALE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _scale_dtype(scale_dtype: str | torch.dtype) -> str:
+    """The core's name of a scale storage dtype given as a torch dtype or its name."""
+    if isinstance(scale_dtype, torch.dtype):
+        if scale_dtype not in _SCALE_DTYPES:
+            choices = ", ".join(str(d) for d in _SCALE_DTYPES)
+            raise ValueError(f"scale_dtype must be one of {choices}, got {scale_dtype}")
+        return _SCALE_DTYPES[scale_dtype]
+    if not isinstance(scale_dtype, str):
+        raise TypeError(
+            f"scale_dtype: expected a torch.dtype or a string, got {type(scale_dtype).__name__}"
+        )
+    return scale_dtype  # the core checks the name and lists the choices
+
+
 def gptq_quantize(
     weight: torch.Tensor,  # [out, in], any float dtype
     hessian: torch.Tensor,  # float32 [in, in]
@@ -197,8 +214,14 @@ def gptq_quantize(
     damp_max: float = 1.0,
     observer: str = "minmax",  # or "mse"
     name: str | None = None,  # layer name, prefixed to error messages
+    scale_dtype: str | torch.dtype = "float32",
 ) -> LayerQuantResult:
-    """GPTQ-quantizes one layer; results are on ``weight``'s device."""
+    """GPTQ-quantizes one layer; results are on ``weight``'s device.
+
+    ``scale_dtype`` is the dtype the checkpoint stores scales in (float16 for the GPTQ format,
+    the model's dtype for compressed-tensors): every scale is rounded to it before codes are
+    chosen and errors propagated with it, so the solve is what the checkpoint holds. The
+    returned scales stay float32 tensors holding representable values."""
     with _named(name):
         w = _float32(weight, "weight")
         h = _float32(hessian, "hessian")
@@ -215,6 +238,7 @@ def gptq_quantize(
             damp_growth=damp_growth,
             damp_max=damp_max,
             observer=observer,
+            scale_dtype=_scale_dtype(scale_dtype),
         )
         return _result(r, weight.device)
 
@@ -228,13 +252,21 @@ def rtn_quantize(
     observer: str = "minmax",
     hessian: torch.Tensor | None = None,
     name: str | None = None,
+    scale_dtype: str | torch.dtype = "float32",
 ) -> LayerQuantResult:
-    """Round-to-nearest with the same grids; ``loss`` is NaN unless ``hessian`` is given."""
+    """Round-to-nearest with the same grids (scales rounded to ``scale_dtype`` as in
+    :func:`gptq_quantize`); ``loss`` is NaN unless ``hessian`` is given."""
     with _named(name):
         w = _float32(weight, "weight")
         h = None if hessian is None else _float32(hessian, "hessian")
         r = _core.rtn_quantize(
-            w, bits=bits, symmetric=symmetric, group_size=group_size, observer=observer, hessian=h
+            w,
+            bits=bits,
+            symmetric=symmetric,
+            group_size=group_size,
+            observer=observer,
+            hessian=h,
+            scale_dtype=_scale_dtype(scale_dtype),
         )
         return _result(r, weight.device)
 

@@ -156,6 +156,7 @@ fn bench_gptq(c: &mut Criterion) {
             bits: 4,
             symmetric: false,
             observer: Observer::MinMax,
+            scale_dtype: Default::default(),
         },
         group_size: Some(128),
         act_order,

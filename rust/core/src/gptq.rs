@@ -35,7 +35,8 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::linalg::{self, DampingPolicy};
 use crate::quantizer::{
-    dequantize_code, fit_group, minmax_params, quantize_code, GroupParams, Observer, QuantSpec,
+    check_scales, dequantize_code, fit_group, minmax_params, quantize_code, GroupParams, Observer,
+    QuantSpec,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -212,6 +213,7 @@ pub fn gptq_quantize(
         ),
         Grid::Dynamic(_) => {}
     }
+    check_scales(&scales, n_groups, opts.spec.scale_dtype)?;
 
     let bs = opts.block_size.min(cols);
     // With act-order, reading the original weight at `order[p]` scatters over every row each
@@ -277,6 +279,10 @@ pub fn gptq_quantize(
                 MatRef::from_row_major_slice_with_stride(&v[i1 * cols + i2..], count, rest, cols);
             let dst = row_major_strided_mut(&mut wp[i2..], rows, rest, cols);
             matmul(dst, Accum::Add, lhs, rhs, 1.0f32, Par::rayon(0));
+        }
+        if matches!(grid, Grid::Dynamic(_)) {
+            // Groups fitted in this batch; unfitted entries are still 0 (finite).
+            check_scales(&scales, n_groups, opts.spec.scale_dtype)?;
         }
     }
     let loss = sum_e2.iter().sum::<f64>() - damp_value as f64 * sum_d2.iter().sum::<f64>();
@@ -356,6 +362,7 @@ pub fn rtn_quantize(
     let mut scales = vec![0.0f32; rows * n_groups];
     let mut zeros = vec![0i32; rows * n_groups];
     fit_groups_natural(weight, cols, g, None, spec, &mut scales, &mut zeros);
+    check_scales(&scales, n_groups, spec.scale_dtype)?;
     let mut codes = vec![0u8; rows * cols];
     let mut dequantized = vec![0.0f32; rows * cols];
     codes
@@ -1035,6 +1042,7 @@ fn check_finite(data: &[f32], ncols: usize, what: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quantizer::ScaleDtype;
     use rand::rngs::StdRng;
     use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -1119,10 +1127,17 @@ mod tests {
         group: Option<usize>,
         act_order: bool,
         static_groups: bool,
+        dtype: ScaleDtype,
     }
 
-    fn ref_find_params(x: &[f64], bits: u8, sym: bool, mse: bool) -> (f64, f64) {
-        crate::quantizer::reference::reference_params(x, bits, sym, mse.then_some((100, 0.8, 2.4)))
+    fn ref_find_params(x: &[f64], cfg: Cfg) -> (f64, f64) {
+        crate::quantizer::reference::reference_params(
+            x,
+            cfg.bits,
+            cfg.sym,
+            cfg.mse.then_some((100, 0.8, 2.4)),
+            cfg.dtype,
+        )
     }
 
     fn ref_quant(x: f64, scale: f64, zero: f64, maxq: f64) -> f64 {
@@ -1204,7 +1219,7 @@ mod tests {
         let mut w0: Vec<f64> = w.iter().map(|&v| v as f64).collect();
         // Per-channel grid is fitted before dead columns are zeroed, as the reference does.
         let mut params: Vec<(f64, f64)> = (0..rows)
-            .map(|r| ref_find_params(&w0[r * n..(r + 1) * n], cfg.bits, cfg.sym, cfg.mse))
+            .map(|r| ref_find_params(&w0[r * n..(r + 1) * n], cfg))
             .collect();
         let dead: Vec<bool> = (0..n).map(|i| h[i * n + i] == 0.0).collect();
         for r in 0..rows {
@@ -1221,7 +1236,7 @@ mod tests {
                 groups.push(
                     (0..rows)
                         .map(|r| {
-                            ref_find_params(&w0[r * n + i..r * n + e], cfg.bits, cfg.sym, cfg.mse)
+                            ref_find_params(&w0[r * n + i..r * n + e], cfg)
                         })
                         .collect(),
                 );
@@ -1246,12 +1261,7 @@ mod tests {
                             let e = (col + g).min(n);
                             params = (0..rows)
                                 .map(|r| {
-                                    ref_find_params(
-                                        &wm[r * n + col..r * n + e],
-                                        cfg.bits,
-                                        cfg.sym,
-                                        cfg.mse,
-                                    )
+                                    ref_find_params(&wm[r * n + col..r * n + e], cfg)
                                 })
                                 .collect();
                         }
@@ -1316,6 +1326,7 @@ mod tests {
                 } else {
                     Observer::MinMax
                 },
+                scale_dtype: cfg.dtype,
             },
             group_size: cfg.group,
             act_order: cfg.act_order,
@@ -1439,6 +1450,7 @@ mod tests {
                         group,
                         act_order,
                         static_groups,
+                        dtype: ScaleDtype::F32,
                     };
                     let res = gptq_quantize(&w, rows, cols, &h, &opts(cfg, 128)).expect("solve");
                     check_structure(&res, &h, cfg);
@@ -1522,6 +1534,7 @@ mod tests {
                 group,
                 act_order: act,
                 static_groups: st,
+                dtype: ScaleDtype::F32,
             };
             let fast = gptq_quantize(&w, rows, cols, &h, &opts(cfg, 64)).expect("solve");
             FORCE_GENERIC.store(true, Ordering::Relaxed);
@@ -1544,6 +1557,7 @@ mod tests {
             group,
             act_order,
             static_groups,
+            dtype: ScaleDtype::F32,
         }
     }
 
@@ -1637,6 +1651,160 @@ mod tests {
                 );
             }
             assert!(rel(res.loss, direct) < 1e-3);
+        }
+    }
+
+    /// Scales rounded to their storage dtype inside the solve: every scale is representable,
+    /// `dequantized == scale * (code - zero)` exactly with it, and codes/loss follow the f64
+    /// reference run on the same rounded grid.
+    #[test]
+    fn rounded_scales_match_reference() {
+        let (rows, cols) = (30usize, 200usize);
+        let (w, h) = problem(rows, cols, 2 * cols, 12, &[]);
+        let preps = [
+            ref_prepare(&h, cols, false, 0.01),
+            ref_prepare(&h, cols, true, 0.01),
+        ];
+        for dtype in [ScaleDtype::F16, ScaleDtype::Bf16] {
+            for &(bits, sym, mse, group, act, st) in &[
+                (4u8, true, false, None, false, false),
+                (3, false, false, Some(32), true, false),
+                (2, false, true, Some(50), false, false),
+                (4, false, false, Some(64), true, true),
+                (8, true, false, Some(128), false, false),
+                (4, false, true, None, true, false),
+            ] {
+                let cfg = Cfg {
+                    bits,
+                    sym,
+                    mse,
+                    group,
+                    act_order: act,
+                    static_groups: st,
+                    dtype,
+                };
+                let res = gptq_quantize(&w, rows, cols, &h, &opts(cfg, 128)).expect("solve");
+                check_structure(&res, &h, cfg);
+                for &s in &res.scales {
+                    assert_eq!(dtype.round(s), s, "{cfg:?}: scale {s} not representable");
+                    let back = match dtype {
+                        ScaleDtype::F16 => half::f16::from_f32(s).to_f32(),
+                        _ => half::bf16::from_f32(s).to_f32(),
+                    };
+                    assert_eq!(back, s, "{cfg:?}");
+                }
+                let ref_bs = match (group, st) {
+                    (Some(g), false) => g,
+                    _ => 128,
+                };
+                let (ref_q, ref_loss) =
+                    ref_gptq(&w, rows, cols, &h, cfg, ref_bs, &preps[act as usize]);
+                let agree = ref_q
+                    .iter()
+                    .zip(&res.dequantized)
+                    .filter(|(a, b)| (**a - **b as f64).abs() <= 1e-5 * a.abs().max(1e-2))
+                    .count() as f64
+                    / ref_q.len() as f64;
+                let r = res.loss / ref_loss - 1.0;
+                eprintln!(
+                    "{cfg:?}: ours {:.5e} ref {ref_loss:.5e} ({:+.3}%, {:.2}% equal)",
+                    res.loss,
+                    100.0 * r,
+                    100.0 * agree
+                );
+                assert!(agree > 0.95, "{cfg:?}: {:.2}% agree", 100.0 * agree);
+                assert!(r.abs() <= 0.01, "{cfg:?}: loss {} vs {ref_loss}", res.loss);
+                let direct = proxy_loss(&w, &res.dequantized, rows, cols, &h).expect("loss");
+                assert!(rel(res.loss, direct) < 1e-3, "{cfg:?}");
+                // The rounding is part of the solve: the float32 solve's scales differ.
+                let f32_res = gptq_quantize(
+                    &w,
+                    rows,
+                    cols,
+                    &h,
+                    &opts(
+                        Cfg {
+                            dtype: ScaleDtype::F32,
+                            ..cfg
+                        },
+                        128,
+                    ),
+                )
+                .expect("solve");
+                assert_ne!(f32_res.scales, res.scales, "{cfg:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn rounded_scales_rtn_codes_and_edge_cases() {
+        let (rows, cols) = (6usize, 96usize);
+        let (w, _) = problem(rows, cols, 200, 13, &[]);
+        for dtype in [ScaleDtype::F16, ScaleDtype::Bf16] {
+            for &(bits, sym, group) in &[(4u8, false, Some(32)), (3, true, None), (8, false, Some(40))]
+            {
+                let spec = QuantSpec {
+                    bits,
+                    symmetric: sym,
+                    observer: Observer::MinMax,
+                    scale_dtype: dtype,
+                };
+                let res = rtn_quantize(&w, rows, cols, None, &spec, group).expect("rtn");
+                let g = group.unwrap_or(cols);
+                for r in 0..rows {
+                    for c in 0..cols {
+                        let k = r * res.n_groups + c / g;
+                        let (s, z) = (res.scales[k], res.zeros[k]);
+                        assert_eq!(dtype.round(s), s);
+                        let x = w[r * cols + c] as f64 / s as f64;
+                        let expect =
+                            (x.round_ties_even() + z as f64).clamp(0.0, spec.maxq() as f64);
+                        let tie = (x - x.floor() - 0.5).abs() < 1e-6;
+                        let code = res.codes[r * cols + c] as f64;
+                        assert!(code == expect || tie, "{dtype:?} ({r},{c})");
+                        assert_eq!(
+                            res.dequantized[r * cols + c],
+                            s * (code as i32 - z) as f32
+                        );
+                    }
+                }
+            }
+        }
+        // Weights beyond float16 scales: a clear error on every path; bfloat16 holds them.
+        let (rows, cols) = (4usize, 64usize);
+        let (w, h) = problem(rows, cols, 128, 14, &[]);
+        let mut big = w.clone();
+        big[2 * cols + 40] = 4.0e6;
+        for (group, act) in [(None, false), (Some(16), true), (Some(16), false)] {
+            let mut o = opts(cfg4(group, act, false), 128);
+            o.spec.scale_dtype = ScaleDtype::F16;
+            let e = gptq_quantize(&big, rows, cols, &h, &o)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("row 2") && e.contains("float16") && e.contains("compressed-tensors"),
+                "{e}"
+            );
+            let e = rtn_quantize(&big, rows, cols, None, &o.spec, group)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("float16"), "{e}");
+            o.spec.scale_dtype = ScaleDtype::Bf16;
+            assert!(gptq_quantize(&big, rows, cols, &h, &o).is_ok());
+        }
+        // Weights so small their float16 scales underflow: smallest subnormal, finite results.
+        let tiny: Vec<f32> = w.iter().map(|v| v * 1e-9).collect();
+        for dtype in [ScaleDtype::F16, ScaleDtype::Bf16] {
+            let mut o = opts(cfg4(Some(16), true, false), 128);
+            o.spec.scale_dtype = dtype;
+            let res = gptq_quantize(&tiny, rows, cols, &h, &o).expect("tiny weights");
+            assert!(res.scales.iter().all(|&s| s > 0.0 && dtype.round(s) == s));
+            assert!(res.dequantized.iter().all(|v| v.is_finite()));
+            assert!(res.loss.is_finite());
+            assert!(res.zeros.iter().all(|&z| (0..=15).contains(&z)));
+            if dtype == ScaleDtype::F16 {
+                assert!(res.scales.contains(&dtype.min_positive()));
+            }
         }
     }
 
@@ -1767,6 +1935,7 @@ mod tests {
                 } else {
                     Observer::MinMax
                 },
+                scale_dtype: ScaleDtype::F32,
             };
             let res = rtn_quantize(&w, rows, cols, None, &spec, group).expect("rtn");
             assert!(res.loss.is_nan());
@@ -1777,6 +1946,7 @@ mod tests {
                 group,
                 act_order: false,
                 static_groups: false,
+                dtype: ScaleDtype::F32,
             };
             let with_h = rtn_quantize(&w, rows, cols, Some(&h), &spec, group).expect("rtn");
             let w64: Vec<f64> = w.iter().map(|&v| v as f64).collect();

@@ -132,7 +132,7 @@ fn cuda_gptq_workspace_bytes(py: Python<'_>, rows: i64, cols: i64, device: i64) 
     weight, hessian, codes, scales, zeros, dequantized, workspace, workspace_bytes, rows, cols,
     stream, device, *, bits=4, symmetric=true, group_size=-1, act_order=false,
     static_groups=false, block_size=128, damp_percent=0.01, damp_growth=2.0, damp_max=1.0,
-    observer="minmax"
+    observer="minmax", scale_dtype="float32"
 ))]
 #[allow(clippy::too_many_arguments)]
 fn cuda_gptq_solve<'py>(
@@ -159,9 +159,10 @@ fn cuda_gptq_solve<'py>(
     damp_growth: f64,
     damp_max: f64,
     observer: &str,
+    scale_dtype: &str,
 ) -> PyResult<Bound<'py, PyDict>> {
     guarded("cuda_gptq_solve", || {
-        let spec = spec_arg(bits, symmetric, observer, 100, 0.8, 2.4)?;
+        let spec = spec_arg(bits, symmetric, observer, 100, 0.8, 2.4, scale_dtype)?;
         let opts = gptq_options_arg(
             spec,
             group_size,
@@ -209,7 +210,7 @@ fn cuda_gptq_solve<'py>(
 #[pyfunction]
 #[pyo3(signature = (
     *, bits=4, symmetric=true, group_size=-1, block_size=128, damp_percent=0.01, damp_growth=2.0,
-    damp_max=1.0, observer="minmax"
+    damp_max=1.0, observer="minmax", scale_dtype="float32"
 ))]
 #[allow(clippy::too_many_arguments)]
 fn cuda_check_options(
@@ -221,9 +222,10 @@ fn cuda_check_options(
     damp_growth: f64,
     damp_max: f64,
     observer: &str,
+    scale_dtype: &str,
 ) -> PyResult<()> {
     guarded("cuda_check_options", || {
-        let spec = spec_arg(bits, symmetric, observer, 100, 0.8, 2.4)?;
+        let spec = spec_arg(bits, symmetric, observer, 100, 0.8, 2.4, scale_dtype)?;
         group_size_arg(group_size)?;
         positive_usize("block_size", block_size)?;
         damping_arg(damp_percent, damp_growth, damp_max)?;

@@ -20,7 +20,7 @@ use fq::gptq::{GptqOptions, GptqResult};
 use fq::hessian::Activations;
 use fq::io::{DType, TensorBuf};
 use fq::linalg::{DampingPolicy, Factorization};
-use fq::quantizer::{Observer, QuantSpec};
+use fq::quantizer::{Observer, QuantSpec, ScaleDtype};
 use fq::Error;
 use half::slice::HalfBitsSliceExt;
 use numpy::ndarray::{Array1, Array2};
@@ -225,6 +225,7 @@ fn spec_arg(
     mse_grid: i64,
     mse_maxshrink: f64,
     mse_norm: f64,
+    scale_dtype: &str,
 ) -> PyResult<QuantSpec> {
     let bits = bits_arg(bits)?;
     let observer = match observer {
@@ -257,6 +258,7 @@ fn spec_arg(
         bits,
         symmetric,
         observer,
+        scale_dtype: ScaleDtype::from_name(scale_dtype).map_err(to_py_err)?,
     };
     spec.validate().map_err(to_py_err)?;
     Ok(spec)
@@ -647,7 +649,7 @@ fn result_dict<'py>(py: Python<'py>, func: &str, r: GptqResult) -> PyResult<Boun
 #[pyo3(signature = (
     weight, hessian, *, bits=4, symmetric=true, group_size=-1, act_order=false,
     static_groups=false, block_size=128, damp_percent=0.01, damp_growth=2.0, damp_max=1.0,
-    observer="minmax", mse_grid=100, mse_maxshrink=0.8, mse_norm=2.4
+    observer="minmax", mse_grid=100, mse_maxshrink=0.8, mse_norm=2.4, scale_dtype="float32"
 ))]
 #[allow(clippy::too_many_arguments)]
 fn gptq_quantize<'py>(
@@ -667,9 +669,18 @@ fn gptq_quantize<'py>(
     mse_grid: i64,
     mse_maxshrink: f64,
     mse_norm: f64,
+    scale_dtype: &str,
 ) -> PyResult<Bound<'py, PyDict>> {
     guarded("gptq_quantize", || {
-        let spec = spec_arg(bits, symmetric, observer, mse_grid, mse_maxshrink, mse_norm)?;
+        let spec = spec_arg(
+            bits,
+            symmetric,
+            observer,
+            mse_grid,
+            mse_maxshrink,
+            mse_norm,
+            scale_dtype,
+        )?;
         let opts = gptq_options_arg(
             spec,
             group_size,
@@ -696,7 +707,7 @@ fn gptq_quantize<'py>(
 #[pyfunction]
 #[pyo3(signature = (
     weight, *, bits=4, symmetric=true, group_size=-1, observer="minmax", mse_grid=100,
-    mse_maxshrink=0.8, mse_norm=2.4, hessian=None
+    mse_maxshrink=0.8, mse_norm=2.4, hessian=None, scale_dtype="float32"
 ))]
 #[allow(clippy::too_many_arguments)]
 fn rtn_quantize<'py>(
@@ -710,9 +721,18 @@ fn rtn_quantize<'py>(
     mse_maxshrink: f64,
     mse_norm: f64,
     hessian: Option<&Bound<'py, PyAny>>,
+    scale_dtype: &str,
 ) -> PyResult<Bound<'py, PyDict>> {
     guarded("rtn_quantize", || {
-        let spec = spec_arg(bits, symmetric, observer, mse_grid, mse_maxshrink, mse_norm)?;
+        let spec = spec_arg(
+            bits,
+            symmetric,
+            observer,
+            mse_grid,
+            mse_maxshrink,
+            mse_norm,
+            scale_dtype,
+        )?;
         let gs = group_size_arg(group_size)?;
         let w = array2::<f32>(weight, "weight", "float32")?;
         let (rows, cols) = dims(&w);

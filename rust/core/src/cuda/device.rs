@@ -29,6 +29,7 @@ use super::kernels::{self, KERNEL_NAMES, WARPS_PER_BLOCK};
 use super::plan::{self, MAX_BATCH};
 use crate::error::Error;
 use crate::gptq::GptqOptions;
+use crate::quantizer::{check_scales, ScaleDtype};
 
 /// Errors of the CUDA path: the core's (same types and messages as on CPU), CUDA missing, or a
 /// CUDA call failing.
@@ -794,6 +795,8 @@ pub fn gptq_solve(a: &SolveArgs, opts: &GptqOptions) -> CResult<SolveOutcome> {
         let ng32 = ng as i32;
         let maxq = opts.spec.maxq() as i32;
         let sym = opts.spec.symmetric as i32;
+        // ScaleDtype's declaration order is the kernels' sdt code.
+        let sdt = opts.spec.scale_dtype as i32;
         let wp = ws(lay.wp);
         {
             let mut b = dev.stream.launch_builder(dev.func("fq_permute_weight")?);
@@ -825,6 +828,7 @@ pub fn gptq_solve(a: &SolveArgs, opts: &GptqOptions) -> CResult<SolveOutcome> {
                 .arg(&ng32)
                 .arg(&maxq)
                 .arg(&sym)
+                .arg(&sdt)
                 .arg(&a.scales)
                 .arg(&a.zeros);
             // SAFETY: arguments match the kernel.
@@ -865,7 +869,8 @@ pub fn gptq_solve(a: &SolveArgs, opts: &GptqOptions) -> CResult<SolveOutcome> {
                 .arg(&mode_code)
                 .arg(&g32)
                 .arg(&maxq)
-                .arg(&sym);
+                .arg(&sym)
+                .arg(&sdt);
             // SAFETY: arguments match the kernel; every buffer sized by the layout / caller.
             unsafe { b.launch(cfg) }.map_err(|e| dev_err("fq_gptq_batch", e))?;
             if i2 < n {
@@ -895,6 +900,11 @@ pub fn gptq_solve(a: &SolveArgs, opts: &GptqOptions) -> CResult<SolveOutcome> {
                     )?;
                 }
             }
+        }
+        if opts.spec.scale_dtype != ScaleDtype::F32 {
+            // A scale past the storage dtype's range became +inf when it was rounded.
+            let scales = dev.to_host::<f32>(a.scales, rows * ng)?;
+            check_scales(&scales, ng, opts.spec.scale_dtype)?;
         }
         let s = dev.to_host::<f64>(sums, 2 * rows)?;
         let se: f64 = s.iter().step_by(2).sum();
@@ -932,6 +942,7 @@ mod tests {
                 bits: 4,
                 symmetric: true,
                 observer: Observer::MinMax,
+                scale_dtype: ScaleDtype::F32,
             },
             group_size: Some(128),
             act_order: false,

@@ -95,8 +95,59 @@ extern "C" __global__ void fq_permute_weight(const float* __restrict__ w, const 
     }
 }
 
-// The CPU quantizer's min-max grid (quantizer.rs: reference_range + minmax_params).
-__device__ __forceinline__ void minmax_params(float xmin, float xmax, int maxq, int sym,
+// A scale rounded to its storage dtype, ties to even; sdt 0 float32 (unchanged), 1 float16,
+// 2 bfloat16. Overflow gives +inf (the host then reports it); a positive scale that would round
+// to 0 gives the dtype's smallest subnormal. Integer bit operations, as quantizer.rs's
+// f32_to_f16_bits / f16_bits_to_f32 / f32_to_bf16_bits and ScaleDtype::round.
+__device__ __forceinline__ float round_scale(float s, int sdt) {
+    if (sdt == 0) return s;
+    const u32 b = __float_as_uint(s);
+    float r;
+    if (sdt == 1) {
+        const u32 sign = (b >> 16) & 0x8000u;
+        const int exp = (int)((b >> 23) & 0xffu);
+        const u32 man = b & 0x7fffffu;
+        const int e = exp - 112;  // binary16 bias 15 instead of 127
+        u32 h;
+        if (exp == 0xff) {
+            h = sign | 0x7c00u | (man ? 0x200u : 0u);
+        } else if (e >= 31) {
+            h = sign | 0x7c00u;
+        } else if (e <= 0) {
+            if (e < -10) {
+                h = sign;
+            } else {
+                // Subnormal: the value in units of 2^-24 is m * 2^(e - 14).
+                const u32 m = man | 0x800000u;
+                const u32 shift = (u32)(14 - e);
+                const u32 q = m >> shift, rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1u);
+                h = sign | (q + ((rem > half || (rem == half && (q & 1u))) ? 1u : 0u));
+            }
+        } else {
+            const u32 q = ((u32)e << 10) | (man >> 13), rem = man & 0x1fffu;
+            h = sign | (q + ((rem > 0x1000u || (rem == 0x1000u && (q & 1u))) ? 1u : 0u));
+        }
+        const u32 hs = (h & 0x8000u) << 16, he = (h >> 10) & 0x1fu, hm = h & 0x3ffu;
+        if (he == 0) {
+            r = __fmul_rn((float)hm, 5.9604644775390625e-8f);  // hm * 2^-24, exact
+            if (hs) { r = -r; }
+        } else if (he == 31) {
+            r = __uint_as_float(hs | 0x7f800000u | (hm << 13));
+        } else {
+            r = __uint_as_float(hs | ((he + 112u) << 23) | (hm << 13));
+        }
+    } else {
+        if ((b & 0x7fffffffu) > 0x7f800000u) return s;  // NaN
+        r = __uint_as_float(((b + 0x7fffu + ((b >> 16) & 1u)) >> 16) << 16);
+    }
+    if (r == 0.0f && s > 0.0f) {
+        r = (sdt == 1) ? 5.9604644775390625e-8f : __uint_as_float(1u << 16);
+    }
+    return r;
+}
+
+// The CPU quantizer's min-max grid (quantizer.rs: reference_range + minmax_params + grid_zero).
+__device__ __forceinline__ void minmax_params(float xmin, float xmax, int maxq, int sym, int sdt,
                                               float* scale, float* zero) {
     xmin = fminf(xmin, 0.0f);
     xmax = fmaxf(xmax, 0.0f);
@@ -105,9 +156,16 @@ __device__ __forceinline__ void minmax_params(float xmin, float xmax, int maxq, 
         if (xmin < 0.0f) { xmin = -xmax; }
     }
     if (xmin == 0.0f && xmax == 0.0f) { xmin = -1.0f; xmax = 1.0f; }
-    float s = __fdiv_rn(xmax - xmin, (float)maxq);
+    float s = round_scale(__fdiv_rn(xmax - xmin, (float)maxq), sdt);
     *scale = s;
-    *zero = sym ? (float)((maxq + 1) / 2) : rintf(__fdiv_rn(-xmin, s));
+    if (sym) {
+        *zero = (float)((maxq + 1) / 2);
+    } else {
+        float z = rintf(__fdiv_rn(-xmin, s));
+        // A rounded scale can sit below the exact one: keep the zero inside the grid.
+        if (sdt != 0) { z = fminf(fmaxf(z, 0.0f), (float)maxq); }
+        *zero = z;
+    }
 }
 
 __device__ __forceinline__ void warp_minmax(float* lo, float* hi) {
@@ -122,7 +180,8 @@ __device__ __forceinline__ void warp_minmax(float* lo, float* hi) {
 // per (row, group): grid (ceil(rows*ng / warps_per_block)).  [model: fit_groups]
 extern "C" __global__ void fq_fit_groups(const float* __restrict__ w, const u8* __restrict__ dead_orig,
                                          int rows, int n, int g, int ng, int maxq, int sym,
-                                         float* __restrict__ scales, int* __restrict__ zeros) {
+                                         int sdt, float* __restrict__ scales,
+                                         int* __restrict__ zeros) {
     u64 item = blockIdx.x * (u64)(blockDim.x / WARP) + threadIdx.x / WARP;
     int lane = threadIdx.x % WARP;
     if (item >= (u64)rows * ng) return;
@@ -138,7 +197,7 @@ extern "C" __global__ void fq_fit_groups(const float* __restrict__ w, const u8* 
     warp_minmax(&lo, &hi);
     if (lane == 0) {
         float s, z;
-        minmax_params(lo, hi, maxq, sym, &s, &z);
+        minmax_params(lo, hi, maxq, sym, sdt, &s, &z);
         scales[(u64)r * ng + k] = s;
         zeros[(u64)r * ng + k] = (int)z;
     }
@@ -149,13 +208,14 @@ extern "C" __global__ void fq_fit_groups(const float* __restrict__ w, const u8* 
 // (every lane, redundantly: no divergence), E = (w - q) / Hinv_pp, spread E over the rest of the
 // batch. The caller then applies W'[:, i2:] -= E Hinv[i1:i2, i2:] with one GEMM.
 // mode: 0 per-channel, 1 dynamic groups (fitted at p % g == 0), 2 static groups (k = perm[p]/g).
+// sdt: the scales' storage dtype (round_scale).
 // sums[2 r] += sum E^2, sums[2 r + 1] += sum (W - Q)^2 for the proxy loss.  [model: batch_kernel]
 extern "C" __global__ void __launch_bounds__(256)
 fq_gptq_batch(float* __restrict__ wp, const float* __restrict__ w, const float* __restrict__ u,
               const int* __restrict__ perm, const u8* __restrict__ dead, float* __restrict__ e,
               u8* __restrict__ codes, float* __restrict__ dq, float* __restrict__ scales,
               int* __restrict__ zeros, double* __restrict__ sums, int rows, int n, int ng,
-              int i1, int i2, int mode, int g, int maxq, int sym) {
+              int i1, int i2, int mode, int g, int maxq, int sym, int sdt) {
     int row = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
     int lane = threadIdx.x % WARP;
     if (row >= rows) return;  // whole warps leave together
@@ -200,7 +260,7 @@ fq_gptq_batch(float* __restrict__ wp, const float* __restrict__ w, const float* 
                     hi = fmaxf(hi, v);
                 }
                 warp_minmax(&lo, &hi);
-                minmax_params(lo, hi, maxq, sym, &scale, &zero);
+                minmax_params(lo, hi, maxq, sym, sdt, &scale, &zero);
                 cur_k = p / g;
                 if (lane == 0) {
                     scales[(u64)row * ng + cur_k] = scale;

@@ -21,6 +21,9 @@
 //! needs columns whose updates are still pending). Results equal the CPU solver's up to float
 //! rounding: the tests require codes identical except at rounding ties and the loss within 0.1%.
 //!
+//! Scales are rounded to their storage dtype (`spec.scale_dtype`) where they are computed: the
+//! kernels' `round_scale` transcribes `ScaleDtype::round`, which `minmax_params` applies here.
+//!
 //! The float arithmetic is the kernel's: divisions (not reciprocals) where the kernel divides,
 //! products and sums as separate operations (the kernels are compiled with `--fmad=false`),
 //! f64 sums of the loss terms.
@@ -36,7 +39,7 @@ use faer::{Accum, MatMut, MatRef, Par};
 use super::plan::{self, GroupMode, REGS, WARP};
 use crate::error::Result;
 use crate::gptq::{GptqOptions, GptqResult};
-use crate::quantizer::{minmax_params, QuantSpec};
+use crate::quantizer::{check_scales, minmax_params, QuantSpec};
 
 /// First non-finite entry of a row-major `[rows, cols]` buffer (what `fq_find_nonfinite`'s
 /// atomicMin over flat indices returns).
@@ -412,6 +415,8 @@ fn solve(
         batch_kernel(&mut b, rows, cols, i1, i2, mode, &opts.spec);
         lazy_update(&mut wp, &e, &u, rows, cols, i1, i2);
     }
+    // The device reads the scales back for this check (float16/bfloat16 storage only).
+    check_scales(&scales, ng, opts.spec.scale_dtype)?;
     let se: f64 = sums.iter().step_by(2).sum();
     let sd: f64 = sums.iter().skip(1).step_by(2).sum();
     let loss = se - damping.value as f64 * sd;
@@ -438,7 +443,7 @@ mod tests {
     use crate::gptq::{gptq_quantize, proxy_loss};
     use crate::linalg::tests::{correlated, hessian_f64};
     use crate::linalg::DampingPolicy;
-    use crate::quantizer::{Observer, QuantSpec};
+    use crate::quantizer::{Observer, QuantSpec, ScaleDtype};
     use crate::Error;
 
     fn problem(seed: u64, rows: usize, cols: usize, dead: &[usize]) -> (Vec<f32>, Vec<f32>) {
@@ -473,6 +478,7 @@ mod tests {
                 bits,
                 symmetric: sym,
                 observer: Observer::MinMax,
+                scale_dtype: ScaleDtype::F32,
             },
             group_size: group,
             act_order: act,
@@ -509,11 +515,29 @@ mod tests {
         let order: Vec<usize> = cpu.perm.clone().unwrap_or_else(|| (0..cols).collect());
         let mut tie_rows = Vec::new();
         let wmax = w.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let dtype = o.spec.scale_dtype;
         for r in 0..rows {
             let mut tied = false;
             for &c in &order {
                 let (a, b) = (gpu.codes[r * cols + c], cpu.codes[r * cols + c]);
                 assert!(a as f32 <= maxq);
+                let k = r * ng + cpu.g_idx[c] as usize;
+                if dtype != ScaleDtype::F32 && !tied && gpu.scales[k] != cpu.scales[k] {
+                    // Float noise before rounding can straddle a midpoint of the storage dtype:
+                    // then the two scales are neighbouring representable values.
+                    let bits = |x: f32| match dtype {
+                        ScaleDtype::F16 => crate::quantizer::f32_to_f16_bits(x) as i32,
+                        _ => crate::quantizer::f32_to_bf16_bits(x) as i32,
+                    };
+                    assert!(
+                        (bits(gpu.scales[k]) - bits(cpu.scales[k])).abs() == 1,
+                        "{label}: scale ({r}, {}) {} vs {} are not neighbours in {dtype:?}",
+                        cpu.g_idx[c],
+                        gpu.scales[k],
+                        cpu.scales[k]
+                    );
+                    tied = true;
+                }
                 if a != b && !tied {
                     // Float noise in the working weights is relative to the weights' magnitude
                     // (the updates cancel), so in grid steps it is ~1e-7 * max|W| / scale; the
@@ -622,6 +646,53 @@ mod tests {
             "{cases} configurations, {total} rows with a rounding tie of {}",
             cases * rows
         );
+    }
+
+    #[test]
+    fn model_matches_cpu_solver_with_rounded_scales() {
+        let (rows, cols) = (24usize, 300usize);
+        let (w, h) = problem(7, rows, cols, &[11]);
+        for dtype in [ScaleDtype::F16, ScaleDtype::Bf16] {
+            for (bits, sym, group, act, stat) in [
+                (4u8, true, None, false, false),
+                (3, false, Some(128), false, false),
+                (4, false, Some(32), true, false),
+                (2, false, Some(200), true, false),
+                (8, true, Some(64), true, true),
+                (4, false, Some(100), false, true),
+            ] {
+                let mut o = opts(bits, sym, group, act, stat, 128);
+                o.spec.scale_dtype = dtype;
+                let label = format!("{dtype:?} bits {bits} sym {sym} group {group:?} act {act}");
+                compare(&w, &h, rows, cols, &o, &label);
+                let gpu = gptq_quantize_model(&w, rows, cols, &h, &o).unwrap();
+                assert!(
+                    gpu.scales.iter().all(|&s| dtype.round(s) == s),
+                    "{label}: a scale is not representable"
+                );
+            }
+        }
+        // Overflow and underflow: the CPU solver's error, the smallest subnormal.
+        let (rows, cols) = (4usize, 64usize);
+        let (w, h) = problem(8, rows, cols, &[]);
+        let mut big = w.clone();
+        big[cols + 9] = 4.0e6;
+        for (group, act) in [(None, false), (Some(16), true), (Some(16), false)] {
+            let mut o = opts(4, false, group, act, false, 128);
+            o.spec.scale_dtype = ScaleDtype::F16;
+            let a = gptq_quantize(&big, rows, cols, &h, &o).unwrap_err();
+            let b = gptq_quantize_model(&big, rows, cols, &h, &o).unwrap_err();
+            assert_eq!(a.to_string(), b.to_string());
+            assert!(b.to_string().contains("float16"), "{b}");
+        }
+        let tiny: Vec<f32> = w.iter().map(|v| v * 1e-9).collect();
+        let mut o = opts(4, false, Some(16), true, false, 128);
+        o.spec.scale_dtype = ScaleDtype::F16;
+        let a = gptq_quantize(&tiny, rows, cols, &h, &o).unwrap();
+        let b = gptq_quantize_model(&tiny, rows, cols, &h, &o).unwrap();
+        assert_eq!(a.scales, b.scales);
+        assert_eq!(a.zeros, b.zeros);
+        assert!(b.dequantized.iter().all(|v| v.is_finite()));
     }
 
     #[test]

@@ -330,6 +330,7 @@ mod tests {
                 bits: 4,
                 symmetric: true,
                 observer: Observer::mse_default(),
+                scale_dtype: crate::quantizer::ScaleDtype::F32,
             },
             group_size: Some(128),
             act_order: false,
