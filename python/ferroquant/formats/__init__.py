@@ -175,18 +175,28 @@ def save(
         raise ValueError(f"no module carries {ATTR!r}: quantize the model before saving it")
 
     mdtype = _model_dtype(model)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, layer in layers.items():
-        if fmt == "gptq":
-            tensors.update(gptq.layer_tensors(name, layer, version))
-        else:
-            tensors.update(ct.layer_tensors(name, layer, mdtype))
+    if fmt == "gptq":  # refuse what the layout cannot store before anything is written
+        for name, layer in layers.items():
+            gptq.check_layer(name, layer, version)
+    else:
+        for name, layer in layers.items():
+            ct.check_layer(name, layer)
     prefixes = tuple(n + "." for n in layers)
-    sd = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
-    for k, v in _dedupe_shared(sd).items():
+    sd = _dedupe_shared({k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)})
+    for k, v in sd.items():
         if v.device.type == "meta":
             raise ValueError(f"{k}: tensor is on the meta device (not materialised); cannot save it")
-        tensors[k] = v.detach().cpu().contiguous()
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        # Consumed by the writer shard by shard: each layer is packed only when its shard is
+        # gathered and released once that shard is on disk; the model's own tensors are
+        # written from their buffers.
+        for name, layer in layers.items():
+            if fmt == "gptq":
+                yield from gptq.layer_tensors(name, layer, version).items()
+            else:
+                yield from ct.layer_tensors(name, layer, mdtype).items()
+        yield from sd.items()
 
     cfg_obj = getattr(model, "config", None)
     config: dict[str, Any] = cfg_obj.to_dict() if cfg_obj is not None else {}
@@ -206,7 +216,7 @@ def save(
         config["tie_word_embeddings"] = False
 
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        solver.write_safetensors(tmp, tensors, stem="model", max_shard_bytes=max_bytes, metadata={"format": "pt"})
+        solver.write_safetensors(tmp, tensors(), stem="model", max_shard_bytes=max_bytes, metadata={"format": "pt"})
         write_json(tmp / "config.json", config)
         if fmt == "gptq":
             write_json(tmp / "quantize_config.json", qconf)
