@@ -330,10 +330,15 @@ def load(
     dtype: torch.dtype | None = None,
     *,
     trust_remote_code: bool = False,
-    cache_weight: bool = True,
+    cache_dequantized: bool = False,
 ) -> nn.Module:
     """Load a GPTQ (v1/v2) or compressed-tensors pack-quantized checkpoint as a transformers
-    model whose quantized layers are :class:`QuantLinear`. Nothing in ``directory`` is written."""
+    model whose quantized layers are :class:`QuantLinear`. Nothing in ``directory`` is written.
+
+    The layers keep their codes packed (a 4-bit model holds about a quarter of the fp16
+    weights' memory) and dequantize on every forward. ``cache_dequantized=True`` keeps each
+    layer's dequantized weight after its first forward instead: ``nn.Linear`` speed, at the
+    float weights' memory on top of the codes."""
     d = Path(directory)
     fmt, qc, source = detect_format(d)
     files = CheckpointFiles(d)
@@ -368,7 +373,7 @@ def load(
         layer = reader(files, prefix, settings, in_features=shape[1], out_features=shape[0])
         ql = QuantLinear(layer.codes, layer.scales, layer.zeros, layer.g_idx, layer.args,
                          layer.bias.to(cdtype) if layer.bias is not None else None,
-                         dtype=cdtype, cache_weight=cache_weight)
+                         dtype=cdtype, cache_dequantized=cache_dequantized)
         parent_name, _, child = prefix.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, ql)
         consumed.update(f"{prefix}.{s}" for s in suffixes)
