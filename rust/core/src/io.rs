@@ -152,7 +152,12 @@ fn check_tensor(t: &TensorView<'_>) -> Result<()> {
         .shape
         .iter()
         .try_fold(t.dtype.size(), |acc, &d| acc.checked_mul(d))
-        .ok_or_else(|| invalid(format!("tensor {:?}: shape {:?} overflows", t.name, t.shape)))?;
+        .ok_or_else(|| {
+            invalid(format!(
+                "tensor {:?}: shape {:?} overflows",
+                t.name, t.shape
+            ))
+        })?;
     if t.data.len() != expected {
         return Err(invalid(format!(
             "tensor {:?}: shape {:?} of {:?} needs {expected} bytes, got {}",
@@ -800,10 +805,19 @@ mod tests {
         w.write_shard(&[b.view(), c.view()]).unwrap();
         let left = listing(&d.0);
         assert_eq!(left.len(), 2, "{left:?}");
-        assert!(left.iter().all(|f| f.starts_with(".model-0000") && f.contains(".tmp-")), "{left:?}");
+        assert!(
+            left.iter()
+                .all(|f| f.starts_with(".model-0000") && f.contains(".tmp-")),
+            "{left:?}"
+        );
         // A name already written in an earlier shard is refused.
-        let e = w.write_shard(&[raw("a", DType::U8, &[1], 0).view()]).unwrap_err();
-        assert!(matches!(&e, Error::InvalidArgument(m) if m.contains("\"a\" appears twice")), "{e}");
+        let e = w
+            .write_shard(&[raw("a", DType::U8, &[1], 0).view()])
+            .unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidArgument(m) if m.contains("\"a\" appears twice")),
+            "{e}"
+        );
         let paths = w.finish().unwrap();
         assert_eq!(
             paths,
