@@ -152,8 +152,8 @@ class QuantLinear(nn.Module):
         step = max(1, CHUNK_ELEMENTS // max(1, self.in_features))
         for r0 in range(0, self.out_features, step):
             r1 = min(r0 + step, self.out_features)
-            out[r0:r1] = dequantize(self._unpack(self.packed[r0:r1]), self.scales[r0:r1], self.zeros[r0:r1],
-                                    self.g_idx, dtype, width=self._group_width)
+            dequantize(self._unpack(self.packed[r0:r1]), self.scales[r0:r1], self.zeros[r0:r1],
+                       self.g_idx, dtype, width=self._group_width, out=out[r0:r1])
         return out
 
     def weight_for_forward(self) -> torch.Tensor:

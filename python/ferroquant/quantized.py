@@ -59,6 +59,7 @@ def dequantize(
     dtype: torch.dtype = torch.float32,
     *,
     width: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The one dequantization rule: ``scale[g] * (code - zero[g])`` computed in float32, then
     cast to ``dtype`` -- for the in-memory quantized model, loaded ``QuantLinear`` layers and
@@ -66,7 +67,8 @@ def dequantize(
 
     ``codes`` is any integer tensor ``[rows, in]`` (rows may be a slice of the output rows,
     with the matching rows of ``scales``/``zeros`` ``[rows, n_groups]``); ``g_idx`` ``[in]``.
-    ``width`` is :func:`group_width` when the caller already knows it.
+    ``width`` is :func:`group_width` when the caller already knows it. ``out`` (contiguous,
+    ``[rows, in]`` of ``dtype``) receives the result instead of a new tensor.
     """
     rows, in_f = codes.shape
     ng = scales.shape[1]
@@ -74,10 +76,20 @@ def dequantize(
     if width is None:
         width = group_width(g_idx, ng)
     if width:  # equal contiguous groups: broadcast per group instead of gathering [rows, in]
-        w = codes.reshape(rows, ng, width).to(torch.float32, copy=True)
+        if out is not None and dtype == torch.float32:
+            w = out.view(rows, ng, width)  # computed in place: no temporary at all
+            w.copy_(codes.reshape(rows, ng, width))
+        else:
+            w = codes.reshape(rows, ng, width).to(torch.float32, copy=True)
         w.sub_(zeros.unsqueeze(-1)).mul_(scales.unsqueeze(-1))  # in place: one float32 buffer
-        return w.view(rows, in_f).to(dtype)
-    g = g_idx.long()
-    scale = scales.index_select(1, g)
-    zero = zeros.index_select(1, g).to(torch.float32)
-    return (scale * (codes.to(torch.float32) - zero)).to(dtype)
+        res = w.view(rows, in_f)
+    else:
+        g = g_idx.long()
+        scale = scales.index_select(1, g)
+        zero = zeros.index_select(1, g).to(torch.float32)
+        res = scale * (codes.to(torch.float32) - zero)
+    if out is None:
+        return res.to(dtype)
+    if res.data_ptr() != out.data_ptr():
+        out.copy_(res)  # the cast, as .to(dtype) does it
+    return out
