@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -111,14 +113,15 @@ def test_failures_leave_nothing_behind(tmp_path: Path) -> None:
         solver.write_safetensors(blocker, tensors())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "out"]
 
-    # A failure while writing the second shard (its temporary name, `.{file}.tmp-{pid}` per
-    # the core's docs, is taken by a directory): no shard, index or temporary may remain.
+    # A failure while writing the second shard (its temporary name, `.{stem}-{i:05}.safetensors
+    # .tmp-{pid}` per the core's docs, is taken by a directory): no shard, index or temporary
+    # may remain.
     probe = solver.write_safetensors(tmp_path / "probe", tensors(), stem="m", max_shard_bytes=4096)
     shard_names = sorted(p.name for p in probe if p.name.endswith(".safetensors"))
     assert len(shard_names) >= 2
-    blocked_tmp = f".{shard_names[1]}.tmp-{os.getpid()}"
+    blocked_tmp = f".m-00002.safetensors.tmp-{os.getpid()}"
     (out / blocked_tmp).mkdir()
-    with pytest.raises(OSError, match=re.escape(shard_names[1])):
+    with pytest.raises(OSError, match=r"shard 2 of m\.safetensors .*" + re.escape(blocked_tmp)):
         solver.write_safetensors(out, tensors(), stem="m", max_shard_bytes=4096)
     assert sorted(p.name for p in out.iterdir()) == [blocked_tmp]
     (out / blocked_tmp).rmdir()
@@ -131,3 +134,61 @@ def test_failures_leave_nothing_behind(tmp_path: Path) -> None:
         solver.write_safetensors(out, tensors(), stem="m", max_shard_bytes=4096)
     left = sorted(p.name for p in out.iterdir())
     assert not [n for n in left if ".tmp-" in n or n.endswith(".index.json")], left
+
+
+def test_streams_shard_by_shard_from_borrowed_buffers(tmp_path: Path) -> None:
+    """A generator is consumed one shard at a time: a tensor is released once its shard is on
+    disk (the writer kept no copy and no reference), and what comes back through the
+    safetensors library equals what was given, whatever the input layout."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(64, 48, generator=g)
+    expected = {
+        "a": torch.randn(32, 32, generator=g),  # 4096 bytes: a shard of its own
+        "b": torch.randint(0, 255, (1000,), generator=g, dtype=torch.uint8),
+        "c.t": base.t(),  # non-contiguous: copied for its shard only
+        "d.bf16": torch.randn(7, 9, generator=g).to(torch.bfloat16),
+        "e": torch.tensor([1, -2, 3], dtype=torch.int64),
+    }
+    refs: dict[str, weakref.ref] = {}
+    released_while_streaming: list[str] = []
+
+    def produce():
+        for name, t in expected.items():
+            if name == "d.bf16":  # by now "a" (shard 1) and "b" (shard 2) are on disk
+                gc.collect()
+                released_while_streaming.extend(n for n in ("a", "b") if refs[n]() is None)
+            fresh = t.clone() if t.is_contiguous() else t
+            refs[name] = weakref.ref(fresh)
+            yield name, fresh
+            del fresh
+
+    paths = solver.write_safetensors(tmp_path, produce(), max_shard_bytes=4096)
+    assert released_while_streaming == ["a", "b"]
+    shards = [p for p in paths if p.name.endswith(".safetensors")]
+    assert len(shards) == 4 and paths[-1].name == "model.safetensors.index.json"
+    index = json.loads(paths[-1].read_text())
+    got: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        with safe_open(shard, "pt") as f:
+            assert f.metadata() == {"format": "pt"}
+            for k in f.keys():  # noqa: SIM118 - safe_open has keys(), no iteration
+                assert index["weight_map"][k] == shard.name
+                got[k] = f.get_tensor(k)
+    assert set(got) == set(expected)
+    for k, v in expected.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+    assert index["metadata"]["total_size"] == sum(nbytes(t) for t in expected.values())
+
+
+def test_generator_errors_leave_nothing(tmp_path: Path) -> None:
+    def produce():
+        yield "a", torch.zeros(2000, dtype=torch.uint8)
+        yield "b", torch.zeros(2000, dtype=torch.uint8)  # shard 1 ends here: written to a temporary
+        raise RuntimeError("producer failed")
+
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="producer failed"):
+        solver.write_safetensors(out, produce(), max_shard_bytes=2000)
+    assert list(out.iterdir()) == []
+    with pytest.raises(TypeError, match="expected an iterable"):
+        _core.write_safetensors(str(out), 3)

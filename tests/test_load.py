@@ -60,18 +60,30 @@ class _nullctx:
 def test_load_dtype_and_cache(tmp_path: Path) -> None:
     model = quantize(tiny_llama(), args_of(4, 32), scales_fp16=True)
     out = fmt.save(model, tmp_path / "q")
+    ids = ids_for(96)
     half = fmt.load(out, dtype=torch.bfloat16)
     ql = half.model.layers[0].self_attn.q_proj
     assert half.model.embed_tokens.weight.dtype == torch.bfloat16 and ql.compute_dtype == torch.bfloat16
     assert torch.equal(ql.weight_for_forward(), model.model.layers[0].self_attn.q_proj.weight.bfloat16())
-    nocache = fmt.load(out, cache_weight=False)
-    ids = ids_for(96)
-    assert torch.equal(logits(nocache, ids), logits(model, ids))
-    assert nocache.model.layers[0].self_attn.q_proj._weight is None
-    # .to() keeps int codes and float32 scales, moves the compute dtype
-    m = fmt.load(out).to(torch.float16)
+    # Default: packed int32 words only, dequantized per forward, nothing float kept.
+    packed = fmt.load(out)
+    assert torch.equal(logits(packed, ids), logits(model, ids))
+    for name in block_linears(model):
+        q = packed.get_submodule(name)
+        assert q._weight is None and q.packed.dtype == torch.int32, name
+        assert q.packed.shape == (q.out_features, q.in_features * 4 // 32), name
+        floats = sum(b.numel() for b in q.buffers() if b.is_floating_point())  # the scales only
+        assert floats == q.out_features * q.in_features // 32, name
+    cached = fmt.load(out, cache_dequantized=True)
+    assert torch.equal(logits(cached, ids), logits(model, ids))
+    q = cached.model.layers[0].self_attn.q_proj
+    assert q._weight is not None and torch.equal(q._weight, model.model.layers[0].self_attn.q_proj.weight)
+    # .to() keeps int words and float32 scales, moves the compute dtype, drops the cache
+    m = cached.to(torch.float16)
     q = m.model.layers[0].self_attn.q_proj
-    assert q.codes.dtype == torch.uint8 and q.scales.dtype == torch.float32 and q.compute_dtype == torch.float16
+    assert q.packed.dtype == torch.int32 and q.scales.dtype == torch.float32 and q.compute_dtype == torch.float16
+    assert q._weight is None and q.codes.dtype == torch.uint8
+    assert torch.equal(q.weight_for_forward(), model.model.layers[0].self_attn.q_proj.weight.half())
 
 
 # --- GPTQ checkpoints as other tools write them ------------------------------------------------

@@ -1,10 +1,13 @@
-"""``QuantLinear``: inference on saved integer codes (CPU and CUDA).
+"""``QuantLinear``: inference on packed integer codes (CPU and CUDA).
 
-The codes are unpacked once, when the layer is built from a checkpoint; the dequantized
-weight ``scale[g] * (code - zero[g])`` is then materialised once per device/dtype and cached,
-so a forward pass is a single ``F.linear`` (the same matmul the in-memory quantized model
-runs, hence equal outputs). ``cache_weight=False`` trades speed for memory: the weight is
-rebuilt on every call with one vectorised gather (no Python loop over groups).
+The layer keeps the codes packed in int32 words (``bits`` per code), with the scales, zero
+points and ``g_idx``: a 4-bit layer holds about a quarter of an fp16 weight's memory. Each
+forward dequantizes the weight (``scale[g] * (code - zero[g])`` in float32, then cast: the
+rule of :func:`ferroquant.quantized.dequantize`, so results equal the in-memory quantized
+model's) a chunk of output rows at a time, which bounds the temporaries to one chunk beside the
+layer's weight in the compute dtype, then runs a single ``F.linear``. ``cache_dequantized=True``
+keeps that weight between calls instead (the speed of ``nn.Linear``, the memory of the float
+weight on top of the codes).
 """
 
 from __future__ import annotations
@@ -15,17 +18,63 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import solver
 from .config import QuantizationArgs
-from .quantized import QuantizedWeight
+from .quantized import QuantizedWeight, dequantize, group_width
 
-_QUANT_BUFFERS = ("codes", "scales", "zeros", "g_idx")
+_QUANT_BUFFERS = ("packed", "scales", "zeros", "g_idx")
+
+# Elements dequantized per chunk of output rows: bounds the int and float32 temporaries of a
+# forward to a few tens of MB whatever the layer's size.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def packed_words(in_features: int, bits: int) -> int:
+    return (in_features * bits + 31) // 32
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 ``[out, ceil(in*bits/32)]``: each row's codes as a little-endian bit stream (code
+    ``i`` in stream bits ``i*bits ..``, stream bit ``p`` in bit ``p % 32`` of word ``p // 32``),
+    the compressed-tensors ``weight_packed`` layout."""
+    if not codes.numel():  # (the core refuses empty input)
+        return torch.zeros(codes.shape[0], packed_words(codes.shape[1], bits), dtype=torch.int32, device=codes.device)
+    return solver.pack_ct_weight(codes.to(torch.uint8), bits)
+
+
+class _Unpacker:
+    """Unpacks rows of :func:`pack_codes` words with torch bit ops (on accelerators; the CPU
+    uses the core's unpacker)."""
+
+    def __init__(self, in_features: int, bits: int, device: torch.device) -> None:
+        self.in_features, self.mask, self.device = in_features, (1 << bits) - 1, device
+        if 32 % bits == 0:  # no code straddles a word: shift each word by every slot
+            self.shifts: torch.Tensor | None = torch.arange(0, 32, bits, dtype=torch.int32, device=device)
+        else:
+            self.shifts = None
+            pos = torch.arange(in_features, device=device, dtype=torch.int64) * bits
+            self.word, self.off = pos // 32, pos % 32
+            n_words = packed_words(in_features, bits)
+            self.next_word = (self.word + 1).clamp(max=n_words - 1)
+
+    def __call__(self, packed: torch.Tensor) -> torch.Tensor:
+        """Integer codes ``[rows, in]`` (int32 or int64)."""
+        rows = packed.shape[0]
+        if self.shifts is not None:
+            v = (packed.unsqueeze(-1) >> self.shifts).bitwise_and_(self.mask)
+            return v.view(rows, -1)[:, : self.in_features]
+        lo = packed.index_select(1, self.word).to(torch.int64).bitwise_and_(0xFFFFFFFF)
+        hi = packed.index_select(1, self.next_word).to(torch.int64).bitwise_and_(0xFFFFFFFF)
+        return lo.bitwise_or_(hi << 32).bitwise_right_shift_(self.off).bitwise_and_(self.mask)
 
 
 class QuantLinear(nn.Module):
     """A Linear layer whose weight is ``scales[:, g_idx] * (codes - zeros[:, g_idx])``.
 
-    Buffers: ``codes`` uint8 [out, in], ``scales`` float32 [out, ng], ``zeros`` int32
-    [out, ng], ``g_idx`` int32 [in]; parameter ``bias`` [out] in the compute dtype or None.
+    Buffers: ``packed`` int32 ``[out, ceil(in*bits/32)]`` (:func:`pack_codes`), ``scales``
+    float32 ``[out, ng]``, ``zeros`` int32 ``[out, ng]``, ``g_idx`` int32 ``[in]``; parameter
+    ``bias`` ``[out]`` in the compute dtype or None. ``codes`` unpacks on demand.
+    ``cache_dequantized=True`` keeps the dequantized weight after the first forward.
     """
 
     def __init__(
@@ -38,7 +87,7 @@ class QuantLinear(nn.Module):
         bias: torch.Tensor | None = None,
         *,
         dtype: torch.dtype = torch.float32,
-        cache_weight: bool = True,
+        cache_dequantized: bool = False,
     ) -> None:
         super().__init__()
         out_f, in_f = codes.shape
@@ -48,12 +97,16 @@ class QuantLinear(nn.Module):
                 f"QuantLinear: inconsistent shapes codes {list(codes.shape)}, scales "
                 f"{list(scales.shape)}, zeros {list(zeros.shape)}, g_idx {list(g_idx.shape)}"
             )
+        bits = int(args.num_bits)
+        if codes.numel() and int(codes.max()) >> bits:
+            raise ValueError(f"QuantLinear: codes exceed {(1 << bits) - 1} for {bits} bits")
         self.in_features = int(in_f)
         self.out_features = int(out_f)
         self.args = args
+        self.bits = bits
         self.compute_dtype = dtype
-        self.cache_weight = cache_weight
-        self.register_buffer("codes", codes.to(torch.uint8).contiguous(), persistent=False)
+        self.cache_dequantized = cache_dequantized
+        self.register_buffer("packed", pack_codes(codes, bits).contiguous(), persistent=False)
         self.register_buffer("scales", scales.to(torch.float32).contiguous(), persistent=False)
         self.register_buffer("zeros", zeros.to(torch.int32).contiguous(), persistent=False)
         self.register_buffer("g_idx", g_idx.to(torch.int32).contiguous(), persistent=False)
@@ -61,49 +114,53 @@ class QuantLinear(nn.Module):
             self.bias = nn.Parameter(bias.detach().to(dtype).clone(), requires_grad=False)
         else:
             self.register_parameter("bias", None)
+        self._group_width = group_width(self.g_idx, ng)
+        self._unpacker: _Unpacker | None = None
         self._weight: torch.Tensor | None = None
 
     @classmethod
     def from_quantized(
         cls, q: QuantizedWeight, bias: torch.Tensor | None = None, *,
-        dtype: torch.dtype = torch.float32, cache_weight: bool = True,
+        dtype: torch.dtype = torch.float32, cache_dequantized: bool = False,
     ) -> QuantLinear:
-        return cls(q.codes, q.scales, q.zeros, q.g_idx, q.args, bias, dtype=dtype, cache_weight=cache_weight)
+        return cls(q.codes, q.scales, q.zeros, q.g_idx, q.args, bias, dtype=dtype,
+                   cache_dequantized=cache_dequantized)
+
+    def _unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        if packed.device.type == "cpu":  # the core's unpacker: >10x faster than torch bit ops
+            return solver.unpack_ct_weight(packed, self.bits, self.in_features)
+        u = self._unpacker
+        if u is None or u.device != packed.device:  # index tensors live where the words do
+            u = self._unpacker = _Unpacker(self.in_features, self.bits, packed.device)
+        return u(packed)
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """uint8 ``[out, in]``, unpacked from ``packed``."""
+        return self._unpack(self.packed).to(torch.uint8)
 
     @property
     def fq_quant(self) -> QuantizedWeight:
         """The codes as a ``QuantizedWeight``, so a loaded model can be saved again."""
         return QuantizedWeight(self.codes, self.scales, self.zeros, self.g_idx, self.args)
 
-    def _contiguous_groups(self) -> int:
-        """Group width when column i is in group i // width for equal-width groups, else 0."""
-        ng = self.scales.shape[1]
-        if self.in_features % ng:
-            return 0
-        width = self.in_features // ng
-        ref = torch.arange(self.in_features, device=self.g_idx.device, dtype=torch.int32) // width
-        return width if torch.equal(self.g_idx, ref) else 0
-
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The float weight ``[out, in]``; computed in float32 then cast (as the in-memory
-        ``QuantizedWeight.dequantize`` does, so both agree bit for bit)."""
+        """The weight ``[out, in]`` in ``dtype`` (default: the compute dtype), dequantized a
+        chunk of output rows at a time."""
         dtype = dtype or self.compute_dtype
-        out_f, ng = self.scales.shape
-        width = self._contiguous_groups()
-        if width:  # broadcast per group instead of gathering a full-size scale matrix
-            w = self.codes.view(out_f, ng, width).to(torch.float32)
-            w.sub_(self.zeros.unsqueeze(-1)).mul_(self.scales.unsqueeze(-1))  # in place: one buffer
-            return w.view(out_f, self.in_features).to(dtype)
-        g = self.g_idx.long()
-        scale = self.scales.index_select(1, g)
-        zero = self.zeros.index_select(1, g).to(torch.float32)
-        return (scale * (self.codes.to(torch.float32) - zero)).to(dtype)
+        out = torch.empty(self.out_features, self.in_features, dtype=dtype, device=self.packed.device)
+        step = max(1, CHUNK_ELEMENTS // max(1, self.in_features))
+        for r0 in range(0, self.out_features, step):
+            r1 = min(r0 + step, self.out_features)
+            dequantize(self._unpack(self.packed[r0:r1]), self.scales[r0:r1], self.zeros[r0:r1],
+                       self.g_idx, dtype, width=self._group_width, out=out[r0:r1])
+        return out
 
     def weight_for_forward(self) -> torch.Tensor:
         if self._weight is not None:
             return self._weight
         w = self.dequantize()
-        if self.cache_weight:
+        if self.cache_dequantized:
             self._weight = w
         return w
 
@@ -111,9 +168,9 @@ class QuantLinear(nn.Module):
         return F.linear(x, self.weight_for_forward(), self.bias)
 
     def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:  # type: ignore[override]
-        # .to()/.cuda()/.half(): the integer codes and float32 scales only change device; the
+        # .to()/.cuda()/.half(): the integer words and float32 scales only change device; the
         # compute dtype follows what fn does to a float tensor; the cached weight is dropped.
-        dev_probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self.codes.device))
+        dev_probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self.packed.device))
         saved = {n: self._buffers.pop(n) for n in _QUANT_BUFFERS}
         try:
             super()._apply(fn, recurse)
@@ -129,5 +186,6 @@ class QuantLinear(nn.Module):
         a = self.args
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"bits={a.num_bits}, group_size={a.effective_group_size}, sym={a.symmetric}, dtype={self.compute_dtype}"
+            f"bits={a.num_bits}, group_size={a.effective_group_size}, sym={a.symmetric}, "
+            f"dtype={self.compute_dtype}, cache_dequantized={self.cache_dequantized}"
         )

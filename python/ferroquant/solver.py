@@ -14,7 +14,7 @@ Errors from the core keep their type (``ValueError``, ``OSError``,
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -359,16 +359,29 @@ _ST_DTYPES: dict[torch.dtype, tuple[str, torch.dtype | None]] = {
 
 def write_safetensors(
     directory: str | Path,
-    tensors: dict[str, torch.Tensor],
+    tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
     *,
     stem: str = "model",
     max_shard_bytes: int | None = None,
     metadata: dict[str, str] | None = None,
 ) -> list[Path]:
     """Writes ``tensors`` atomically to ``{stem}.safetensors`` (or shards plus an index when the
-    total exceeds ``max_shard_bytes``); returns the written paths."""
-    items = []
-    for name, t in tensors.items():
+    total exceeds ``max_shard_bytes``); returns the written paths.
+
+    ``tensors`` is a mapping or an iterable of ``(name, tensor)`` pairs, consumed lazily: each
+    shard is written as soon as it is complete and its tensors are then released, so a
+    generator can produce them shard by shard. Contiguous CPU tensors are written from their
+    own buffers (no copy); others are copied one at a time."""
+    pairs = tensors.items() if isinstance(tensors, Mapping) else tensors
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    paths = _core.write_safetensors(
+        str(directory), _st_items(pairs), stem=stem, max_shard_bytes=max_shard_bytes, metadata=metadata
+    )
+    return [Path(p) for p in paths]
+
+
+def _st_items(pairs: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, np.ndarray, str]]:
+    for name, t in pairs:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"tensor {name!r}: expected a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in _ST_DTYPES:
@@ -378,12 +391,7 @@ def write_safetensors(
         t = _cpu(t, f"tensor {name!r}").contiguous()
         if view is not None:
             t = t.view(view)
-        items.append((name, t.numpy(), st))
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    paths = _core.write_safetensors(
-        str(directory), items, stem=stem, max_shard_bytes=max_shard_bytes, metadata=metadata
-    )
-    return [Path(p) for p in paths]
+        yield name, t.numpy(), st
 
 
 # --------------------------------------------------------------------------------------------

@@ -195,18 +195,28 @@ def save(
 
     mdtype = _model_dtype(model)
     scale_dtype = target_scale_dtype or scale_dtype_for(fmt, checkpoint_format, mdtype)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, layer in layers.items():
-        if fmt == "gptq":
-            tensors.update(gptq.layer_tensors(name, layer, version))
-        else:
-            tensors.update(ct.layer_tensors(name, layer, scale_dtype))
+    if fmt == "gptq":  # refuse what the layout cannot store before anything is written
+        for name, layer in layers.items():
+            gptq.check_layer(name, layer, version)
+    else:
+        for name, layer in layers.items():
+            ct.check_layer(name, layer)
     prefixes = tuple(n + "." for n in layers)
-    sd = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
-    for k, v in _dedupe_shared(sd).items():
+    sd = _dedupe_shared({k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)})
+    for k, v in sd.items():
         if v.device.type == "meta":
             raise ValueError(f"{k}: tensor is on the meta device (not materialised); cannot save it")
-        tensors[k] = v.detach().cpu().contiguous()
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        # Consumed by the writer shard by shard: each layer is packed only when its shard is
+        # gathered and released once that shard is on disk; the model's own tensors are
+        # written from their buffers.
+        for name, layer in layers.items():
+            if fmt == "gptq":
+                yield from gptq.layer_tensors(name, layer, version).items()
+            else:
+                yield from ct.layer_tensors(name, layer, scale_dtype).items()
+        yield from sd.items()
 
     cfg_obj = getattr(model, "config", None)
     config: dict[str, Any] = cfg_obj.to_dict() if cfg_obj is not None else {}
@@ -226,7 +236,7 @@ def save(
         config["tie_word_embeddings"] = False
 
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        solver.write_safetensors(tmp, tensors, stem="model", max_shard_bytes=max_bytes, metadata={"format": "pt"})
+        solver.write_safetensors(tmp, tensors(), stem="model", max_shard_bytes=max_bytes, metadata={"format": "pt"})
         write_json(tmp / "config.json", config)
         if fmt == "gptq":
             write_json(tmp / "quantize_config.json", qconf)
@@ -339,10 +349,15 @@ def load(
     dtype: torch.dtype | None = None,
     *,
     trust_remote_code: bool = False,
-    cache_weight: bool = True,
+    cache_dequantized: bool = False,
 ) -> nn.Module:
     """Load a GPTQ (v1/v2) or compressed-tensors pack-quantized checkpoint as a transformers
-    model whose quantized layers are :class:`QuantLinear`. Nothing in ``directory`` is written."""
+    model whose quantized layers are :class:`QuantLinear`. Nothing in ``directory`` is written.
+
+    The layers keep their codes packed (a 4-bit model holds about a quarter of the fp16
+    weights' memory) and dequantize on every forward. ``cache_dequantized=True`` keeps each
+    layer's dequantized weight after its first forward instead: ``nn.Linear`` speed, at the
+    float weights' memory on top of the codes."""
     d = Path(directory)
     fmt, qc, source = detect_format(d)
     files = CheckpointFiles(d)
@@ -377,7 +392,7 @@ def load(
         layer = reader(files, prefix, settings, in_features=shape[1], out_features=shape[0])
         ql = QuantLinear(layer.codes, layer.scales, layer.zeros, layer.g_idx, layer.args,
                          layer.bias.to(cdtype) if layer.bias is not None else None,
-                         dtype=cdtype, cache_weight=cache_weight)
+                         dtype=cdtype, cache_dequantized=cache_dequantized)
         parent_name, _, child = prefix.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, ql)
         consumed.update(f"{prefix}.{s}" for s in suffixes)

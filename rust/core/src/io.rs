@@ -1,9 +1,13 @@
-//! Atomic, sharded safetensors writing from Rust buffers.
+//! Atomic, sharded safetensors writing from borrowed buffers.
 //!
-//! Every file is serialized by the `safetensors` crate under a hidden temporary name in the
-//! target directory (`.{file}.tmp-{pid}`), fsync'd, and only renamed into place once *all*
-//! files of the call (every shard and the index) were written, so a failure midway leaves
-//! no partial checkpoint and no temporaries behind. The directory is fsync'd after the renames.
+//! [`ShardWriter`] writes one shard at a time from borrowed byte slices (no copy of the tensor
+//! data is made: the safetensors crate streams each slice to the file), so a caller can produce
+//! tensors shard by shard and drop them once written. Every shard is serialized under a hidden
+//! temporary name in the target directory (`.{stem}-{i:05}.safetensors.tmp-{pid}`), fsync'd,
+//! and only renamed to its final name (`{stem}.safetensors`, or
+//! `{stem}-{i:05}-of-{n:05}.safetensors` plus the index once the shard count `n` is known) when
+//! *all* files were written, so a failure midway leaves no partial checkpoint and no temporaries
+//! behind. The directory is fsync'd after the renames.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -50,7 +54,7 @@ impl DType {
     }
 }
 
-/// One tensor: little-endian raw bytes with its dtype and shape.
+/// One owned tensor: little-endian raw bytes with its dtype and shape.
 #[derive(Clone, Debug)]
 pub struct TensorBuf {
     pub name: String,
@@ -81,27 +85,41 @@ impl TensorBuf {
             data,
         }
     }
+
+    pub fn view(&self) -> TensorView<'_> {
+        TensorView {
+            name: &self.name,
+            dtype: self.dtype,
+            shape: &self.shape,
+            data: &self.data,
+        }
+    }
 }
 
-/// Borrowed view handed to the safetensors serializer (no copy of the data).
-struct BufView<'a> {
-    dtype: Dtype,
-    shape: &'a [usize],
-    data: &'a [u8],
+/// One borrowed tensor: little-endian raw bytes with its dtype and shape.
+#[derive(Clone, Copy, Debug)]
+pub struct TensorView<'a> {
+    pub name: &'a str,
+    pub dtype: DType,
+    pub shape: &'a [usize],
+    pub data: &'a [u8],
 }
 
-impl View for BufView<'_> {
+/// Adapter to the safetensors serializer's trait (the data stays borrowed).
+struct StView<'a>(TensorView<'a>);
+
+impl View for StView<'_> {
     fn dtype(&self) -> Dtype {
-        self.dtype
+        self.0.dtype.to_safetensors()
     }
     fn shape(&self) -> &[usize] {
-        self.shape
+        self.0.shape
     }
     fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(self.data)
+        Cow::Borrowed(self.0.data)
     }
     fn data_len(&self) -> usize {
-        self.data.len()
+        self.0.data.len()
     }
 }
 
@@ -113,75 +131,65 @@ fn io_err(what: &str, path: &Path, e: impl std::fmt::Display) -> Error {
     Error::Io(format!("{what} {}: {e}", path.display()))
 }
 
-/// Checks names, shapes and byte lengths before anything touches the disk.
-fn validate(stem: &str, tensors: &[TensorBuf], max_shard_bytes: Option<u64>) -> Result<()> {
+fn check_stem(stem: &str) -> Result<()> {
     if stem.is_empty() || stem.contains(['/', '\\']) || stem.starts_with('.') {
         return Err(invalid(format!(
             "safetensors stem {stem:?} must be a plain, non-hidden file name without a directory"
         )));
     }
-    if max_shard_bytes == Some(0) {
-        return Err(invalid(
-            "max_shard_bytes must be positive (or None for a single file)".into(),
-        ));
+    Ok(())
+}
+
+/// Checks a tensor's name and that its byte length is shape x dtype size.
+fn check_tensor(t: &TensorView<'_>) -> Result<()> {
+    if t.name.is_empty() || t.name == "__metadata__" {
+        return Err(invalid(format!(
+            "tensor name {:?} is not allowed in a safetensors file",
+            t.name
+        )));
     }
-    let mut seen = HashSet::with_capacity(tensors.len());
-    for t in tensors {
-        if t.name.is_empty() || t.name == "__metadata__" {
-            return Err(invalid(format!(
-                "tensor name {:?} is not allowed in a safetensors file",
-                t.name
-            )));
-        }
-        if !seen.insert(t.name.as_str()) {
-            return Err(invalid(format!(
-                "tensor {:?} appears twice in the tensors to write",
-                t.name
-            )));
-        }
-        let expected = t
-            .shape
-            .iter()
-            .try_fold(t.dtype.size(), |acc, &d| acc.checked_mul(d))
-            .ok_or_else(|| {
-                invalid(format!(
-                    "tensor {:?}: shape {:?} overflows",
-                    t.name, t.shape
-                ))
-            })?;
-        if t.data.len() != expected {
-            return Err(invalid(format!(
-                "tensor {:?}: shape {:?} of {:?} needs {expected} bytes, got {}",
-                t.name,
-                t.shape,
-                t.dtype,
-                t.data.len()
-            )));
-        }
+    let expected = t
+        .shape
+        .iter()
+        .try_fold(t.dtype.size(), |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| {
+            invalid(format!(
+                "tensor {:?}: shape {:?} overflows",
+                t.name, t.shape
+            ))
+        })?;
+    if t.data.len() != expected {
+        return Err(invalid(format!(
+            "tensor {:?}: shape {:?} of {:?} needs {expected} bytes, got {}",
+            t.name,
+            t.shape,
+            t.dtype,
+            t.data.len()
+        )));
     }
     Ok(())
 }
 
-/// Greedy sharding in the given order: a shard is closed when the next tensor would push it
-/// past `max`; a tensor larger than `max` gets a shard of its own. Returns index ranges.
-fn plan_shards(tensors: &[TensorBuf], max: Option<u64>) -> Vec<std::ops::Range<usize>> {
-    let total: u64 = tensors.iter().map(|t| t.data.len() as u64).sum();
-    let max = match max {
-        Some(m) if total > m => m,
-        _ => return std::iter::once(0..tensors.len()).collect(),
-    };
+/// The greedy sharding rule: a shard holding `shard_len` tensors of `shard_bytes` is closed
+/// before a tensor of `next` bytes that would push it past `max`; a tensor larger than `max`
+/// gets a shard of its own. (When everything fits, nothing is ever closed: one file.)
+pub fn closes_shard(shard_len: usize, shard_bytes: u64, next: u64, max: Option<u64>) -> bool {
+    matches!(max, Some(m) if shard_len > 0 && shard_bytes.saturating_add(next) > m)
+}
+
+/// Shards of `sizes` (bytes, in order) under [`closes_shard`], as index ranges.
+fn plan_shards(sizes: &[u64], max: Option<u64>) -> Vec<std::ops::Range<usize>> {
     let mut shards = Vec::new();
-    let (mut start, mut size) = (0usize, 0u64);
-    for (i, t) in tensors.iter().enumerate() {
-        let n = t.data.len() as u64;
-        if i > start && size + n > max {
+    let (mut start, mut bytes) = (0usize, 0u64);
+    for (i, &n) in sizes.iter().enumerate() {
+        if closes_shard(i - start, bytes, n, max) {
             shards.push(start..i);
             start = i;
-            size = 0;
+            bytes = 0;
         }
-        size += n;
+        bytes += n;
     }
-    shards.push(start..tensors.len());
+    shards.push(start..sizes.len());
     shards
 }
 
@@ -225,6 +233,11 @@ fn temp_path(dir: &Path, file: &str) -> PathBuf {
     dir.join(format!(".{file}.tmp-{}", std::process::id()))
 }
 
+/// Temporary name of shard `i` (1-based), before the shard count is known.
+fn shard_temp_path(dir: &Path, stem: &str, i: usize) -> PathBuf {
+    temp_path(dir, &format!("{stem}-{i:05}.safetensors"))
+}
+
 fn sync_file(path: &Path) -> Result<()> {
     fs::File::open(path)
         .and_then(|f| f.sync_all())
@@ -232,125 +245,217 @@ fn sync_file(path: &Path) -> Result<()> {
 }
 
 /// Temporaries written so far; removed on drop unless committed (renamed into place).
+#[derive(Default)]
 struct Staged {
-    files: Vec<(PathBuf, PathBuf)>,
+    temps: Vec<PathBuf>,
 }
 
 impl Staged {
-    fn commit(mut self, dir: &Path) -> Result<Vec<PathBuf>> {
-        let files = std::mem::take(&mut self.files);
-        let mut done = Vec::with_capacity(files.len());
-        for (i, (tmp, dst)) in files.iter().enumerate() {
+    /// Renames temporary `i` to `dsts[i]`.
+    fn commit(mut self, dsts: Vec<PathBuf>, dir: &Path) -> Result<Vec<PathBuf>> {
+        let temps = std::mem::take(&mut self.temps);
+        for (i, (tmp, dst)) in temps.iter().zip(&dsts).enumerate() {
             if let Err(e) = fs::rename(tmp, dst) {
                 // Leave no temporaries behind; files already renamed are complete.
-                for (t, _) in &files[i..] {
+                for t in &temps[i..] {
                     let _ = fs::remove_file(t);
                 }
                 return Err(io_err("cannot rename into place", dst, e));
             }
-            done.push(dst.clone());
         }
         // Make the renames durable. Directory fsync is not supported everywhere: best effort.
         if let Ok(d) = fs::File::open(dir) {
             let _ = d.sync_all();
         }
-        Ok(done)
+        Ok(dsts)
     }
 }
 
 impl Drop for Staged {
     fn drop(&mut self) {
-        for (tmp, _) in &self.files {
+        for tmp in &self.temps {
             let _ = fs::remove_file(tmp);
         }
     }
 }
 
+/// Writes a (possibly sharded) safetensors checkpoint one shard at a time.
+///
+/// Call [`write_shard`](Self::write_shard) with the tensors of each shard in order (use
+/// [`closes_shard`] to decide where a shard ends), then [`finish`](Self::finish). Dropping the
+/// writer without finishing removes every temporary: nothing of the call remains.
+pub struct ShardWriter {
+    dir: PathBuf,
+    stem: String,
+    max_shard_bytes: Option<u64>,
+    meta: HashMap<String, String>,
+    staged: Staged,
+    /// Tensor names of each written shard.
+    shards: Vec<Vec<String>>,
+    seen: HashSet<String>,
+    total: u64,
+}
+
+impl ShardWriter {
+    /// Checks the stem and limit and creates `dir` if missing. `metadata` goes into every
+    /// file's `__metadata__`; `"format": "pt"` is added when absent (transformers expects it).
+    pub fn new(
+        dir: &Path,
+        stem: &str,
+        max_shard_bytes: Option<u64>,
+        metadata: Option<BTreeMap<String, String>>,
+    ) -> Result<Self> {
+        check_stem(stem)?;
+        if max_shard_bytes == Some(0) {
+            return Err(invalid(
+                "max_shard_bytes must be positive (or None for a single file)".into(),
+            ));
+        }
+        fs::create_dir_all(dir).map_err(|e| io_err("cannot create directory", dir, e))?;
+        let mut meta: HashMap<String, String> = metadata.unwrap_or_default().into_iter().collect();
+        meta.entry("format".into()).or_insert_with(|| "pt".into());
+        Ok(ShardWriter {
+            dir: dir.to_path_buf(),
+            stem: stem.to_string(),
+            max_shard_bytes,
+            meta,
+            staged: Staged::default(),
+            shards: Vec::new(),
+            seen: HashSet::new(),
+            total: 0,
+        })
+    }
+
+    pub fn max_shard_bytes(&self) -> Option<u64> {
+        self.max_shard_bytes
+    }
+
+    /// Validates `tensors` (names new and allowed, byte lengths) and writes them as the next
+    /// shard's temporary file. Within a file the safetensors crate orders tensors by dtype
+    /// alignment, then name.
+    pub fn write_shard(&mut self, tensors: &[TensorView<'_>]) -> Result<()> {
+        let mut names = Vec::with_capacity(tensors.len());
+        for t in tensors {
+            check_tensor(t)?;
+            if self.seen.contains(t.name) || names.contains(&t.name) {
+                return Err(invalid(format!(
+                    "tensor {:?} appears twice in the tensors to write",
+                    t.name
+                )));
+            }
+            names.push(t.name);
+        }
+        let i = self.shards.len() + 1;
+        let tmp = shard_temp_path(&self.dir, &self.stem, i);
+        // Register first so a partially written temporary is removed on error.
+        self.staged.temps.push(tmp.clone());
+        let views = tensors.iter().map(|t| (t.name, StView(*t)));
+        safetensors::serialize_to_file(views, Some(self.meta.clone()), &tmp).map_err(|e| {
+            io_err(
+                &format!("cannot write shard {i} of {}.safetensors to", self.stem),
+                &tmp,
+                e,
+            )
+        })?;
+        sync_file(&tmp)?;
+        self.total += tensors.iter().map(|t| t.data.len() as u64).sum::<u64>();
+        self.seen.extend(names.iter().map(|n| n.to_string()));
+        self.shards
+            .push(names.into_iter().map(str::to_string).collect());
+        Ok(())
+    }
+
+    /// Writes the index (when there is more than one shard) and renames every file into
+    /// place. Returns the shards in order, then the index. With no shard written, one empty
+    /// file is written. Existing files of the same names are replaced; other files in the
+    /// directory are left alone.
+    pub fn finish(mut self) -> Result<Vec<PathBuf>> {
+        if self.shards.is_empty() {
+            self.write_shard(&[])?;
+        }
+        let n = self.shards.len();
+        let names: Vec<String> = if n == 1 {
+            vec![format!("{}.safetensors", self.stem)]
+        } else {
+            (1..=n)
+                .map(|i| format!("{}-{i:05}-of-{n:05}.safetensors", self.stem))
+                .collect()
+        };
+        let mut dsts: Vec<PathBuf> = names.iter().map(|f| self.dir.join(f)).collect();
+        if n > 1 {
+            let mut weight_map = BTreeMap::new();
+            for (tensors, file) in self.shards.iter().zip(&names) {
+                for t in tensors {
+                    weight_map.insert(t.as_str(), file.as_str());
+                }
+            }
+            let file = format!("{}.safetensors.index.json", self.stem);
+            let dst = self.dir.join(&file);
+            let tmp = temp_path(&self.dir, &file);
+            self.staged.temps.push(tmp.clone());
+            fs::File::create(&tmp)
+                .and_then(|mut f| {
+                    f.write_all(index_json(self.total, &weight_map).as_bytes())?;
+                    f.sync_all()
+                })
+                .map_err(|e| io_err("cannot write index", &dst, e))?;
+            dsts.push(dst);
+        }
+        let staged = std::mem::take(&mut self.staged);
+        staged.commit(dsts, &self.dir)
+    }
+}
+
 /// Write `tensors` into `dir` as `{stem}.safetensors`, or, when their total exceeds
 /// `max_shard_bytes`, as `{stem}-00001-of-0000N.safetensors` plus `{stem}.safetensors.index.json`
-/// (`{"metadata": {"total_size": ...}, "weight_map": {...}}`). Each file is written under a
-/// temporary name in `dir` and renamed into place. Returns the written paths.
+/// (`{"metadata": {"total_size": ...}, "weight_map": {...}}`), through [`ShardWriter`]: the
+/// data is borrowed, never copied. Returns the written paths.
 /// Errors: duplicate names, data length != shape x dtype size, I/O failures (message names the file).
 ///
 /// Details: `dir` is created if missing. Sharding is greedy in the given order by tensor bytes
-/// (a tensor larger than the limit gets a shard of its own). `metadata` goes into every file's
-/// `__metadata__`; `"format": "pt"` is added when absent (transformers expects it). Within a
-/// file the safetensors crate orders tensors by dtype alignment, then name. The returned paths
-/// are the shards in order, then the index. Existing files of the same names are replaced;
-/// other files in `dir` are left alone.
+/// ([`closes_shard`]). The returned paths are the shards in order, then the index.
 pub fn write_safetensors(
     dir: &Path,
     stem: &str,
-    tensors: Vec<TensorBuf>,
+    tensors: &[TensorView<'_>],
     max_shard_bytes: Option<u64>,
     metadata: Option<BTreeMap<String, String>>,
 ) -> Result<Vec<PathBuf>> {
-    validate(stem, &tensors, max_shard_bytes)?;
-    fs::create_dir_all(dir).map_err(|e| io_err("cannot create directory", dir, e))?;
-
-    let mut meta: HashMap<String, String> = metadata.unwrap_or_default().into_iter().collect();
-    meta.entry("format".into()).or_insert_with(|| "pt".into());
-
-    let shards = plan_shards(&tensors, max_shard_bytes);
-    let n = shards.len();
-    let names: Vec<String> = if n == 1 {
-        vec![format!("{stem}.safetensors")]
-    } else {
-        (1..=n)
-            .map(|i| format!("{stem}-{i:05}-of-{n:05}.safetensors"))
-            .collect()
-    };
-
-    let mut staged = Staged {
-        files: Vec::with_capacity(n + 1),
-    };
-    for (range, file) in shards.iter().zip(&names) {
-        let dst = dir.join(file);
-        let tmp = temp_path(dir, file);
-        // Register first so a partially written temporary is removed on error.
-        staged.files.push((tmp.clone(), dst.clone()));
-        let views = tensors[range.clone()].iter().map(|t| {
-            (
-                t.name.as_str(),
-                BufView {
-                    dtype: t.dtype.to_safetensors(),
-                    shape: &t.shape,
-                    data: &t.data,
-                },
-            )
-        });
-        safetensors::serialize_to_file(views, Some(meta.clone()), &tmp)
-            .map_err(|e| io_err("cannot write safetensors file", &dst, e))?;
-        sync_file(&tmp)?;
-    }
-
-    if n > 1 {
-        let total: u64 = tensors.iter().map(|t| t.data.len() as u64).sum();
-        let mut weight_map = BTreeMap::new();
-        for (range, file) in shards.iter().zip(&names) {
-            for t in &tensors[range.clone()] {
-                weight_map.insert(t.name.as_str(), file.as_str());
-            }
+    // Everything checkable is checked before anything touches the disk.
+    check_stem(stem)?;
+    let mut seen = HashSet::with_capacity(tensors.len());
+    for t in tensors {
+        check_tensor(t)?;
+        if !seen.insert(t.name) {
+            return Err(invalid(format!(
+                "tensor {:?} appears twice in the tensors to write",
+                t.name
+            )));
         }
-        let file = format!("{stem}.safetensors.index.json");
-        let dst = dir.join(&file);
-        let tmp = temp_path(dir, &file);
-        staged.files.push((tmp.clone(), dst.clone()));
-        fs::File::create(&tmp)
-            .and_then(|mut f| {
-                f.write_all(index_json(total, &weight_map).as_bytes())?;
-                f.sync_all()
-            })
-            .map_err(|e| io_err("cannot write index", &dst, e))?;
     }
-
-    staged.commit(dir)
+    let mut writer = ShardWriter::new(dir, stem, max_shard_bytes, metadata)?;
+    let sizes: Vec<u64> = tensors.iter().map(|t| t.data.len() as u64).collect();
+    for range in plan_shards(&sizes, max_shard_bytes) {
+        writer.write_shard(&tensors[range])?;
+    }
+    writer.finish()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use safetensors::SafeTensors;
+
+    fn write_owned(
+        dir: &Path,
+        stem: &str,
+        tensors: Vec<TensorBuf>,
+        max: Option<u64>,
+        meta: Option<BTreeMap<String, String>>,
+    ) -> Result<Vec<PathBuf>> {
+        let views: Vec<TensorView<'_>> = tensors.iter().map(TensorBuf::view).collect();
+        write_safetensors(dir, stem, &views, max, meta)
+    }
 
     /// A fresh empty directory under the system temp dir, removed on drop.
     struct TempDir(PathBuf);
@@ -441,7 +546,7 @@ mod tests {
         let tensors = all_dtypes();
         let mut meta = BTreeMap::new();
         meta.insert("quantizer".to_string(), "ferroquant".to_string());
-        let paths = write_safetensors(&d.0, "model", tensors.clone(), None, Some(meta)).unwrap();
+        let paths = write_owned(&d.0, "model", tensors.clone(), None, Some(meta)).unwrap();
         assert_eq!(paths, vec![d.0.join("model.safetensors")]);
         assert_eq!(listing(&d.0), vec!["model.safetensors"]);
         check_file_holds(&paths[0], &tensors.iter().collect::<Vec<_>>());
@@ -459,7 +564,7 @@ mod tests {
             .collect();
         assert_eq!(vals, vec![1, -2, 3, i32::MIN, i32::MAX, 0]);
         // A limit above the total still writes one unsharded file (and replaces the old one).
-        let paths = write_safetensors(&d.0, "model", tensors, Some(1 << 20), None).unwrap();
+        let paths = write_owned(&d.0, "model", tensors, Some(1 << 20), None).unwrap();
         assert_eq!(paths, vec![d.0.join("model.safetensors")]);
         assert_eq!(listing(&d.0), vec!["model.safetensors"]);
     }
@@ -477,7 +582,7 @@ mod tests {
             raw("d", DType::F16, &[150], 5),
             raw("e", DType::U8, &[50], 6),
         ];
-        let paths = write_safetensors(&d.0, "model", tensors.clone(), Some(600), None).unwrap();
+        let paths = write_owned(&d.0, "model", tensors.clone(), Some(600), None).unwrap();
         let shard_names: Vec<String> = (1..=4)
             .map(|i| format!("model-{i:05}-of-00004.safetensors"))
             .collect();
@@ -515,7 +620,7 @@ mod tests {
             raw("we\"ird\\name", DType::U8, &[8], 1),
             raw("tab\tname", DType::U8, &[8], 2),
         ];
-        let paths = write_safetensors(&d.0, "m", tensors, Some(8), None).unwrap();
+        let paths = write_owned(&d.0, "m", tensors, Some(8), None).unwrap();
         let index = fs::read_to_string(&paths[2]).unwrap();
         assert!(
             index.contains(r#""we\"ird\\name": "m-00001-of-00002.safetensors""#),
@@ -544,7 +649,7 @@ mod tests {
     #[test]
     fn empty_tensor_list_writes_a_valid_empty_file() {
         let d = TempDir::new("empty");
-        let paths = write_safetensors(&d.0, "model", vec![], Some(10), None).unwrap();
+        let paths = write_owned(&d.0, "model", vec![], Some(10), None).unwrap();
         check_file_holds(&paths[0], &[]);
     }
 
@@ -556,14 +661,14 @@ mod tests {
             raw("y", DType::U8, &[4], 1),
             raw("x", DType::U8, &[2], 1),
         ];
-        let e = write_safetensors(&d.0, "model", dup, Some(4), None).unwrap_err();
+        let e = write_owned(&d.0, "model", dup, Some(4), None).unwrap_err();
         assert!(
             matches!(&e, Error::InvalidArgument(m) if m.contains("\"x\" appears twice")),
             "{e}"
         );
         let mut bad = raw("layer.scales", DType::F16, &[3, 4], 1);
         bad.data.pop();
-        let e = write_safetensors(
+        let e = write_owned(
             &d.0,
             "model",
             vec![raw("ok", DType::U8, &[4], 1), bad],
@@ -576,9 +681,9 @@ mod tests {
             "{e}"
         );
         for stem in ["", "a/b", ".hidden"] {
-            assert!(write_safetensors(&d.0, stem, vec![], None, None).is_err());
+            assert!(write_owned(&d.0, stem, vec![], None, None).is_err());
         }
-        assert!(write_safetensors(
+        assert!(write_owned(
             &d.0,
             "m",
             vec![raw("__metadata__", DType::U8, &[1], 0)],
@@ -586,14 +691,14 @@ mod tests {
             None
         )
         .is_err());
-        assert!(write_safetensors(&d.0, "m", vec![], Some(0), None).is_err());
+        assert!(write_owned(&d.0, "m", vec![], Some(0), None).is_err());
         let huge = TensorBuf {
             name: "h".into(),
             dtype: DType::I64,
             shape: vec![usize::MAX, 2],
             data: vec![],
         };
-        assert!(write_safetensors(&d.0, "m", vec![huge], None, None).is_err());
+        assert!(write_owned(&d.0, "m", vec![huge], None, None).is_err());
         assert_eq!(listing(&d.0), Vec::<String>::new());
     }
 
@@ -606,7 +711,7 @@ mod tests {
         fs::create_dir(&blocker).unwrap();
         fs::write(blocker.join("keep"), b"x").unwrap();
         let tensors = vec![raw("a", DType::U8, &[8], 1), raw("b", DType::U8, &[8], 2)];
-        let e = write_safetensors(&d.0, "model", tensors, Some(8), None).unwrap_err();
+        let e = write_owned(&d.0, "model", tensors, Some(8), None).unwrap_err();
         assert!(
             matches!(&e, Error::Io(m) if m.contains("model-00002-of-00002.safetensors")),
             "{e}"
@@ -624,7 +729,7 @@ mod tests {
         // An output "directory" that is a file: the error names it and nothing is created.
         let file = d.0.join("not-a-dir");
         fs::write(&file, b"x").unwrap();
-        let e = write_safetensors(&file, "model", vec![], None, None).unwrap_err();
+        let e = write_owned(&file, "model", vec![], None, None).unwrap_err();
         assert!(matches!(&e, Error::Io(m) if m.contains("not-a-dir")), "{e}");
     }
 
@@ -634,13 +739,13 @@ mod tests {
         // written to its temporary, shard 2 fails, and neither any final file nor shard 1's
         // temporary may remain.
         let d = TempDir::new("midway");
-        let squat = temp_path(&d.0, "model-00002-of-00002.safetensors");
+        let squat = shard_temp_path(&d.0, "model", 2);
         fs::create_dir(&squat).unwrap();
         fs::write(squat.join("keep"), b"x").unwrap();
         let tensors = vec![raw("a", DType::U8, &[8], 1), raw("b", DType::U8, &[8], 2)];
-        let e = write_safetensors(&d.0, "model", tensors, Some(8), None).unwrap_err();
+        let e = write_owned(&d.0, "model", tensors, Some(8), None).unwrap_err();
         assert!(
-            matches!(&e, Error::Io(m) if m.contains("model-00002-of-00002.safetensors")),
+            matches!(&e, Error::Io(m) if m.contains("shard 2 of model.safetensors") && m.contains(".model-00002.safetensors.tmp-")),
             "{e}"
         );
         fs::remove_dir_all(&squat).unwrap();
@@ -654,7 +759,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let d = TempDir::new("ro");
         fs::set_permissions(&d.0, fs::Permissions::from_mode(0o555)).unwrap();
-        let r = write_safetensors(
+        let r = write_owned(
             &d.0,
             "model",
             vec![raw("a", DType::U8, &[8], 1)],
@@ -675,12 +780,63 @@ mod tests {
 
     #[test]
     fn plan_shards_edge_cases() {
-        let t = |n: usize| raw("t", DType::U8, &[n], 0);
-        let ts = vec![t(5), t(5), t(5)];
+        let ts = [5, 5, 5];
         assert_eq!(plan_shards(&ts, Some(10)), vec![0..2, 2..3]);
         assert_eq!(plan_shards(&ts, Some(15)), vec![0..3]);
         assert_eq!(plan_shards(&ts, Some(4)), vec![0..1, 1..2, 2..3]);
         assert_eq!(plan_shards(&ts, None), vec![0..3]);
         assert_eq!(plan_shards(&[], Some(4)), vec![0..0]);
+        // A tensor past the limit is alone; the rule never closes an empty shard.
+        assert_eq!(plan_shards(&[2, 9, 2], Some(4)), vec![0..1, 1..2, 2..3]);
+        assert!(!closes_shard(0, 0, u64::MAX, Some(1)));
+        assert!(!closes_shard(3, u64::MAX, 1, None));
+    }
+
+    #[test]
+    fn shard_writer_streams_and_names_shards_at_the_end() {
+        // Shards are written one call at a time from borrowed data; their final names (and
+        // the index) appear only at finish, when the count is known.
+        let d = TempDir::new("stream");
+        let a = raw("a", DType::F32, &[4], 1);
+        let b = raw("b", DType::I32, &[2, 2], 2);
+        let c = raw("c", DType::BF16, &[3], 3);
+        let mut w = ShardWriter::new(&d.0, "model", Some(16), None).unwrap();
+        w.write_shard(&[a.view()]).unwrap();
+        w.write_shard(&[b.view(), c.view()]).unwrap();
+        let left = listing(&d.0);
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(
+            left.iter()
+                .all(|f| f.starts_with(".model-0000") && f.contains(".tmp-")),
+            "{left:?}"
+        );
+        // A name already written in an earlier shard is refused.
+        let e = w
+            .write_shard(&[raw("a", DType::U8, &[1], 0).view()])
+            .unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidArgument(m) if m.contains("\"a\" appears twice")),
+            "{e}"
+        );
+        let paths = w.finish().unwrap();
+        assert_eq!(
+            paths,
+            vec![
+                d.0.join("model-00001-of-00002.safetensors"),
+                d.0.join("model-00002-of-00002.safetensors"),
+                d.0.join("model.safetensors.index.json"),
+            ]
+        );
+        check_file_holds(&paths[0], &[&a]);
+        check_file_holds(&paths[1], &[&b, &c]);
+        let index = fs::read_to_string(&paths[2]).unwrap();
+        assert!(index.contains("\"total_size\": 38"), "{index}");
+
+        // Dropped before finish: every temporary goes, nothing is renamed.
+        let d2 = TempDir::new("stream-drop");
+        let mut w = ShardWriter::new(&d2.0, "model", None, None).unwrap();
+        w.write_shard(&[a.view()]).unwrap();
+        drop(w);
+        assert_eq!(listing(&d2.0), Vec::<String>::new());
     }
 }

@@ -18,7 +18,7 @@ use std::sync::{Arc, RwLock};
 use ferroquant_core as fq;
 use fq::gptq::{GptqOptions, GptqResult};
 use fq::hessian::Activations;
-use fq::io::{DType, TensorBuf};
+use fq::io::DType;
 use fq::linalg::{DampingPolicy, Factorization};
 use fq::quantizer::{Observer, QuantSpec, ScaleDtype};
 use fq::Error;
@@ -1012,8 +1012,20 @@ fn dtype_arg(name: &str, s: &str) -> PyResult<(DType, usize)> {
     })
 }
 
-/// Copies the array's raw little-endian bytes (the core takes owned buffers).
-fn tensor_buf(name: String, obj: &Bound<'_, PyAny>, dtype: &str) -> PyResult<TensorBuf> {
+/// One tensor of the shard being gathered: a borrowed uint8 view of the array's buffer.
+struct Pending<'py> {
+    name: String,
+    dtype: DType,
+    shape: Vec<usize>,
+    bytes: numpy::PyReadonlyArray1<'py, u8>,
+}
+
+/// Checks an item's dtype, byte order and layout and borrows its bytes (no copy).
+fn pending_tensor<'py>(
+    name: String,
+    obj: &Bound<'py, PyAny>,
+    dtype: &str,
+) -> PyResult<Pending<'py>> {
     let arg = format!("tensor '{name}'");
     let (dt, size) = dtype_arg(&name, dtype)?;
     let arr = as_ndarray(obj, &arg, dtype)?;
@@ -1042,24 +1054,49 @@ fn tensor_buf(name: String, obj: &Bound<'_, PyAny>, dtype: &str) -> PyResult<Ten
         .map_err(|_| internal("write_safetensors", "byte view is not a uint8 array"))?
         .try_readonly()
         .map_err(|e| value_err(format!("{arg}: cannot borrow the array: {e}")))?;
-    let data = bytes
-        .as_slice()
-        .map_err(|_| value_err(format!("{arg}: array must be C-contiguous")))?
-        .to_vec();
-    Ok(TensorBuf {
+    if bytes.as_slice().is_err() {
+        return Err(value_err(format!("{arg}: array must be C-contiguous")));
+    }
+    Ok(Pending {
         name,
         dtype: dt,
         shape,
-        data,
+        bytes,
     })
 }
 
+/// Writes the gathered shard from borrowed slices (GIL released) and drops the borrows.
+fn flush_shard(
+    py: Python<'_>,
+    writer: &mut fq::io::ShardWriter,
+    pending: &mut Vec<Pending<'_>>,
+) -> PyResult<()> {
+    let mut views = Vec::with_capacity(pending.len());
+    for p in pending.iter() {
+        let data = p
+            .bytes
+            .as_slice()
+            .map_err(|_| internal("write_safetensors", "byte view lost its contiguity"))?;
+        views.push(fq::io::TensorView {
+            name: &p.name,
+            dtype: p.dtype,
+            shape: &p.shape,
+            data,
+        });
+    }
+    compute(py, || writer.write_shard(&views)).map_err(to_py_err)?;
+    pending.clear();
+    Ok(())
+}
+
+/// `tensors` is any iterable of `(name, array, dtype)`: it is consumed lazily and each shard is
+/// written as soon as it is complete, so a generator can produce tensors shard by shard.
 #[pyfunction]
 #[pyo3(signature = (directory, tensors, *, stem="model", max_shard_bytes=None, metadata=None))]
 fn write_safetensors(
     py: Python<'_>,
     directory: PathBuf,
-    tensors: Vec<(String, Bound<'_, PyAny>, String)>,
+    tensors: &Bound<'_, PyAny>,
     stem: &str,
     max_shard_bytes: Option<u64>,
     metadata: Option<BTreeMap<String, String>>,
@@ -1070,15 +1107,31 @@ fn write_safetensors(
                 "max_shard_bytes must be positive (or None for one file)",
             ));
         }
-        let mut bufs = Vec::with_capacity(tensors.len());
-        for (name, arr, dtype) in tensors {
-            bufs.push(tensor_buf(name, &arr, &dtype)?);
+        let items = tensors.try_iter().map_err(|_| {
+            PyTypeError::new_err(format!(
+                "tensors: expected an iterable of (name, array, dtype), got {}",
+                type_name(tensors)
+            ))
+        })?;
+        let mut writer = fq::io::ShardWriter::new(&directory, stem, max_shard_bytes, metadata)
+            .map_err(to_py_err)?;
+        let mut pending: Vec<Pending<'_>> = Vec::new();
+        let mut shard_bytes = 0u64;
+        for item in items {
+            let (name, arr, dtype): (String, Bound<'_, PyAny>, String) = item?.extract()?;
+            let p = pending_tensor(name, &arr, &dtype)?;
+            let n = p.bytes.len() as u64;
+            if fq::io::closes_shard(pending.len(), shard_bytes, n, writer.max_shard_bytes()) {
+                flush_shard(py, &mut writer, &mut pending)?;
+                shard_bytes = 0;
+            }
+            pending.push(p);
+            shard_bytes += n;
         }
-        let stem = stem.to_string();
-        compute(py, move || {
-            fq::io::write_safetensors(&directory, &stem, bufs, max_shard_bytes, metadata)
-        })
-        .map_err(to_py_err)
+        if !pending.is_empty() {
+            flush_shard(py, &mut writer, &mut pending)?;
+        }
+        compute(py, move || writer.finish()).map_err(to_py_err)
     })
 }
 
