@@ -158,7 +158,7 @@ DETAILS: dict[str, Any] = {}  # extra facts a method reports about its run (work
 
 
 def run_ferroquant(model: Any, scheme: dict[str, Any], calib: Any,
-                   forward_dtype: str | None = None) -> int:
+                   forward_dtype: str | None = None, batched: bool | None = None) -> int:
     from ferroquant import api
     from ferroquant.config import GPTQ
 
@@ -166,14 +166,21 @@ def run_ferroquant(model: Any, scheme: dict[str, Any], calib: Any,
     recipe = GPTQ(scheme=preset, group_size=scheme["group_size"],
                   ignore=["lm_head", *scheme["ignore"]], actorder="static",
                   dampening_frac=0.01, block_size=128, forward_dtype=forward_dtype)
-    report = api.quantize(model, recipe, calib, device="cpu", show_progress=False)
+    report = api.quantize(model, recipe, calib, device="cpu", show_progress=False,
+                          batched=batched)
     # where the time went (capture, forward, hessian, solve) and which block path ran
     DETAILS.update(phases={k: round(v, 2) for k, v in report.phase_seconds.items()},
                    block_paths=sorted(set(report.block_paths)))
     return len(report)
 
 
-def run_llmcompressor(model: Any, tok: Any, scheme: dict[str, Any], calib: Any) -> int:
+def run_llmcompressor(model: Any, tok: Any, scheme: dict[str, Any], calib: Any,
+                      batch_size: int = 1, data_collator: str = "truncation") -> int:
+    """llm-compressor's GPTQModifier through ``oneshot`` on the token rows ``calib`` (an
+    ``[n, L]`` tensor or a list of 1-D tensors of any lengths), in their order. ``batch_size``
+    1 (its default) forwards one row at a time; larger batches go through ``data_collator``
+    (its ``"truncation"`` cuts a batch's rows to the shortest, ``"padding"`` pads them to the
+    longest, and the pad positions then reach its Hessians)."""
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier
@@ -190,7 +197,8 @@ def run_llmcompressor(model: Any, tok: Any, scheme: dict[str, Any], calib: Any) 
         actorder="static")
     oneshot(model=model, tokenizer=tok, dataset=ds, recipe=modifier,
             num_calibration_samples=len(rows), max_seq_length=max(len(r) for r in rows),
-            shuffle_calibration_samples=False, batch_size=1)
+            shuffle_calibration_samples=False, batch_size=batch_size,
+            data_collator=data_collator)
     return len(decoder_linears(model, scheme["ignore"]))
 
 
@@ -248,31 +256,43 @@ def python_for(method: str, args: argparse.Namespace) -> str:
     return str(cand)
 
 
-def spawn(method: str, scheme_name: str, scheme: dict[str, Any], cfg: dict[str, Any],
-          args: argparse.Namespace) -> dict[str, Any]:
-    wcfg = {**cfg, "method": method, "scheme": scheme}
+def run_worker(python: str, script: str | Path, wcfg: dict[str, Any],
+               threads: int | None) -> dict[str, Any]:
+    """Runs ``script --worker-cfg WCFG --worker-out FILE [--threads N]`` in a fresh process of
+    ``python`` (ferroquant importable from PKG_PATH) and returns the JSON the worker wrote, with
+    ``process_s`` added; on failure ``{"error": last line, "tail": last lines of output}``."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [python_for(method, args), str(Path(__file__).resolve()), "--worker-cfg",
-               json.dumps(wcfg), "--worker-out", str(out)]
-        if args.threads:
-            cmd += ["--threads", str(args.threads)]
+        cmd = [python, str(Path(script).resolve()), "--worker-cfg", json.dumps(wcfg),
+               "--worker-out", str(out)]
+        if threads:
+            cmd += ["--threads", str(threads)]
         env = dict(os.environ)
         env["PYTHONPATH"] = str(PKG_PATH) + os.pathsep + env.get("PYTHONPATH", "")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
-        print(f"  {scheme_name:<26} {method:<14}", end="", flush=True)
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         wall = time.perf_counter() - t0
         if proc.returncode != 0 or not out.is_file():
             tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-            print(f"FAILED ({wall:.0f} s)\n{tail}")
-            return {"method": method, "error": tail.splitlines()[-1] if tail else "failed"}
+            return {"error": tail.splitlines()[-1] if tail else "failed", "tail": tail,
+                    "process_s": wall}
         res = json.loads(out.read_text())
         res["process_s"] = wall
-        print(f"ppl {res['ppl']:.4f}  quantize {res['quant_s']:.2f} s  "
-              f"(eval {res['eval_s']:.1f} s, load avg {res['loadavg'][0]:.1f})")
         return res
+
+
+def spawn(method: str, scheme_name: str, scheme: dict[str, Any], cfg: dict[str, Any],
+          args: argparse.Namespace) -> dict[str, Any]:
+    wcfg = {**cfg, "method": method, "scheme": scheme}
+    print(f"  {scheme_name:<26} {method:<14}", end="", flush=True)
+    res = run_worker(python_for(method, args), __file__, wcfg, args.threads)
+    if "error" in res:
+        print(f"FAILED ({res['process_s']:.0f} s)\n{res.pop('tail')}")
+        return {"method": method, "error": res["error"]}
+    print(f"ppl {res['ppl']:.4f}  quantize {res['quant_s']:.2f} s  "
+          f"(eval {res['eval_s']:.1f} s, load avg {res['loadavg'][0]:.1f})")
+    return res
 
 
 def machine() -> str:
