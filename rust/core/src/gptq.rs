@@ -88,10 +88,14 @@ pub fn gptq_quantize(
     hessian: &[f32],
     opts: &GptqOptions,
 ) -> Result<GptqResult> {
-    let grid = match check_common(weight, rows, cols, &opts.spec, opts.group_size)? {
-        Grid::Dynamic(g) if opts.static_groups => Grid::Static(g),
-        other => other,
-    };
+    let grid = check_common(
+        weight,
+        rows,
+        cols,
+        &opts.spec,
+        opts.group_size,
+        opts.static_groups,
+    )?;
     if opts.block_size == 0 {
         return Err(Error::InvalidArgument(
             "gptq: block_size must be > 0 (default 128)".into(),
@@ -103,25 +107,8 @@ pub fn gptq_quantize(
     let n_groups = grid.n_groups(cols);
     let maxq = opts.spec.maxq();
 
-    // Processing order. act_order: descending diag(H), stable, with dead inputs counted as 1
-    // (the reference sorts after setting H_ii = 1 for them).
-    let order: Vec<usize> = if opts.act_order {
-        let key: Vec<f32> = (0..cols)
-            .map(|i| {
-                let d = hessian[i * cols + i];
-                if d == 0.0 {
-                    1.0
-                } else {
-                    d
-                }
-            })
-            .collect();
-        let mut order: Vec<usize> = (0..cols).collect();
-        order.sort_by(|&a, &b| key[b].total_cmp(&key[a]));
-        order
-    } else {
-        (0..cols).collect()
-    };
+    let diag_h: Vec<f32> = (0..cols).map(|i| hessian[i * cols + i]).collect();
+    let order = processing_order(&diag_h, opts.act_order);
     let fact = if opts.act_order {
         let mut hp = vec![0.0f32; cols * cols];
         hp.par_chunks_mut(cols).enumerate().for_each(|(i, row)| {
@@ -163,10 +150,7 @@ pub fn gptq_quantize(
     // V = U' diag(U')⁻¹: unit diagonal, so W'_j = W_j + Σ_{k<j} D_k V_kj.
     let diag: Vec<f32> = (0..cols).map(|j| factor[j * cols + j]).collect();
     if let Some(j) = diag.iter().position(|d| !(d.is_finite() && *d > 0.0)) {
-        return Err(Error::NotPositiveDefinite(format!(
-            "gptq: Cholesky factor has a non-positive or non-finite pivot {} at column {j} after damping {damp_frac}; increase the damping",
-            diag[j]
-        )));
+        return Err(bad_pivot(diag[j], j, damp_frac));
     }
     let inv_diag: Vec<f32> = diag.iter().map(|d| 1.0 / d).collect();
     let mut v = factor;
@@ -192,7 +176,7 @@ pub fn gptq_quantize(
     // Grids fixed up front: per-channel on the whole (dead-zeroed) row, static groups on the
     // (dead-zeroed) contiguous original groups.
     match grid {
-        Grid::PerChannel => {
+        GroupMode::PerChannel => {
             wp.par_chunks(cols)
                 .zip(scales.par_iter_mut())
                 .zip(zeros.par_iter_mut())
@@ -202,7 +186,7 @@ pub fn gptq_quantize(
                     *z = gp.zero;
                 });
         }
-        Grid::Static(g) => fit_groups_natural(
+        GroupMode::Static(g) => fit_groups_natural(
             weight,
             cols,
             g,
@@ -211,7 +195,7 @@ pub fn gptq_quantize(
             &mut scales,
             &mut zeros,
         ),
-        Grid::Dynamic(_) => {}
+        GroupMode::Dynamic(_) => {}
     }
     check_scales(&scales, n_groups, opts.spec.scale_dtype)?;
 
@@ -230,7 +214,7 @@ pub fn gptq_quantize(
         grid,
     };
     let gmax = match grid {
-        Grid::Dynamic(g) => g.min(cols),
+        GroupMode::Dynamic(g) => g.min(cols),
         _ => 0,
     };
     let mut dblk = vec![0.0f32; rows * bs];
@@ -280,24 +264,14 @@ pub fn gptq_quantize(
             let dst = row_major_strided_mut(&mut wp[i2..], rows, rest, cols);
             matmul(dst, Accum::Add, lhs, rhs, 1.0f32, Par::rayon(0));
         }
-        if matches!(grid, Grid::Dynamic(_)) {
+        if matches!(grid, GroupMode::Dynamic(_)) {
             // Groups fitted in this batch; unfitted entries are still 0 (finite).
             check_scales(&scales, n_groups, opts.spec.scale_dtype)?;
         }
     }
     let loss = sum_e2.iter().sum::<f64>() - damp_value as f64 * sum_d2.iter().sum::<f64>();
 
-    let g_idx: Vec<i32> = match grid {
-        Grid::PerChannel => vec![0; cols],
-        Grid::Static(g) => (0..cols).map(|c| (c / g) as i32).collect(),
-        Grid::Dynamic(g) => {
-            let mut gi = vec![0i32; cols];
-            for (p, &c) in order.iter().enumerate() {
-                gi[c] = (p / g) as i32;
-            }
-            gi
-        }
-    };
+    let g_idx = grid.g_idx(cols, &order);
     let (codes, dequantized, perm) = if opts.act_order {
         let mut codes = vec![0u8; rows * cols];
         codes
@@ -350,7 +324,7 @@ pub fn rtn_quantize(
     spec: &QuantSpec,
     group_size: Option<usize>,
 ) -> Result<GptqResult> {
-    let grid = check_common(weight, rows, cols, spec, group_size)?;
+    let grid = check_common(weight, rows, cols, spec, group_size, false)?;
     check_finite(weight, cols, "weight")?;
     if let Some(h) = hessian {
         check_hessian(h, cols)?;
@@ -388,10 +362,8 @@ pub fn rtn_quantize(
         Some(h) => proxy_loss(weight, &dequantized, rows, cols, h)?,
         None => f64::NAN,
     };
-    let g_idx = match grid {
-        Grid::PerChannel => vec![0; cols],
-        _ => (0..cols).map(|c| (c / g) as i32).collect(),
-    };
+    let identity: Vec<usize> = (0..cols).collect();
+    let g_idx = grid.g_idx(cols, &identity);
     Ok(GptqResult {
         rows,
         cols,
@@ -471,23 +443,83 @@ fn row_major_strided_mut(
     MatMut::from_column_major_slice_with_stride_mut(slice, ncols, nrows, row_stride).transpose_mut()
 }
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Grid {
-    /// One grid per row, fitted up front.
+/// How scale grids are laid out over a layer's columns. The CPU solver and the CUDA path
+/// (`cuda::plan`) both take their grid, column order and `g_idx` from here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupMode {
+    /// One grid per row, fitted up front on the whole (dead-zeroed) row.
     PerChannel,
-    /// Grid fitted when processing position `p % g == 0` (natural order or act-order).
+    /// A grid fitted when processing position `p % g == 0` (natural order or act-order), on the
+    /// reference state.
     Dynamic(usize),
-    /// Grids fitted up front per contiguous original group.
+    /// Grids fitted up front per contiguous ORIGINAL group (act-order + static groups).
     Static(usize),
 }
 
-impl Grid {
-    fn n_groups(self, cols: usize) -> usize {
-        match self {
-            Grid::PerChannel => 1,
-            Grid::Dynamic(g) | Grid::Static(g) => cols.div_ceil(g),
+impl GroupMode {
+    /// From the options: `None` = per channel; `static_groups` only matters with groups.
+    pub fn new(group_size: Option<usize>, static_groups: bool) -> Result<Self> {
+        match group_size {
+            None => Ok(GroupMode::PerChannel),
+            Some(0) => Err(Error::InvalidArgument(
+                "gptq: group_size must be > 0 (use None / -1 for one group per output row)".into(),
+            )),
+            Some(g) if static_groups => Ok(GroupMode::Static(g)),
+            Some(g) => Ok(GroupMode::Dynamic(g)),
         }
     }
+
+    pub fn n_groups(self, cols: usize) -> usize {
+        match self {
+            GroupMode::PerChannel => 1,
+            GroupMode::Dynamic(g) | GroupMode::Static(g) => cols.div_ceil(g),
+        }
+    }
+
+    /// Group of every ORIGINAL column, given the processing order (`order[p]` = column).
+    pub fn g_idx(self, cols: usize, order: &[usize]) -> Vec<i32> {
+        match self {
+            GroupMode::PerChannel => vec![0; cols],
+            GroupMode::Static(g) => (0..cols).map(|c| (c / g) as i32).collect(),
+            GroupMode::Dynamic(g) => {
+                let mut gi = vec![0i32; cols];
+                for (p, &c) in order.iter().enumerate() {
+                    gi[c] = (p / g) as i32;
+                }
+                gi
+            }
+        }
+    }
+}
+
+/// Processing order: the identity, or with `act_order` descending diag(H) (stable), dead inputs
+/// (zero diagonal) counted as 1 as the reference sorts after setting their `H_ii = 1`.
+pub fn processing_order(diag: &[f32], act_order: bool) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..diag.len()).collect();
+    if act_order {
+        let key: Vec<f32> = diag
+            .iter()
+            .map(|&d| if d == 0.0 { 1.0 } else { d })
+            .collect();
+        order.sort_by(|&a, &b| key[b].total_cmp(&key[a]));
+    }
+    order
+}
+
+/// The error for a non-positive or non-finite pivot `value` of the damped factor at column `j`.
+pub(crate) fn bad_pivot(value: f32, j: usize, damp_frac: f32) -> Error {
+    Error::NotPositiveDefinite(format!(
+        "gptq: Cholesky factor has a non-positive or non-finite pivot {value} at column {j} after \
+         damping {damp_frac}; increase the damping"
+    ))
+}
+
+/// The error for a NaN/Inf `value` of the weight or Hessian (`what`) at (`row`, `col`).
+pub(crate) fn non_finite(what: &str, value: f32, row: usize, col: usize) -> Error {
+    let kind = if value.is_nan() { "NaN" } else { "Inf" };
+    Error::NonFinite(format!(
+        "gptq: {what} contains {kind} at row {row}, column {col}; fix the {what} before quantizing"
+    ))
 }
 
 /// Rows per tile: the column recurrence is sequential within a row, so a tile of rows runs it
@@ -590,7 +622,7 @@ struct SolveCtx<'a> {
     diag: &'a [f32],
     spec: QuantSpec,
     maxq: u32,
-    grid: Grid,
+    grid: GroupMode,
 }
 
 // Lane loops index several parallel [f32; LANES] arrays: plain indices read clearest and
@@ -691,20 +723,20 @@ impl SolveCtx<'_> {
         for j in 0..count {
             let p = i1 + j;
             match self.grid {
-                Grid::PerChannel => {
+                GroupMode::PerChannel => {
                     if cur_k != 0 {
                         load(b.s, b.z, ng, 0, &mut scale, &mut zero);
                         cur_k = 0;
                     }
                 }
-                Grid::Static(g) => {
+                GroupMode::Static(g) => {
                     let k = self.order[p] / g;
                     if k != cur_k {
                         load(b.s, b.z, ng, k, &mut scale, &mut zero);
                         cur_k = k;
                     }
                 }
-                Grid::Dynamic(g) => {
+                GroupMode::Dynamic(g) => {
                     let k = p / g;
                     if p % g == 0 {
                         let gpk = next_group
@@ -898,7 +930,7 @@ struct GroupPack {
 }
 
 impl BatchPack {
-    fn new(v: &[f32], cols: usize, i1: usize, i2: usize, grid: Grid) -> Self {
+    fn new(v: &[f32], cols: usize, i1: usize, i2: usize, grid: GroupMode) -> Self {
         let upper = |from: usize, to: usize| -> Vec<f32> {
             let mut out = Vec::with_capacity((to - from) * (to - from).saturating_sub(1) / 2);
             for j in from..to {
@@ -907,7 +939,7 @@ impl BatchPack {
             out
         };
         let mut groups = Vec::new();
-        if let Grid::Dynamic(g) = grid {
+        if let GroupMode::Dynamic(g) = grid {
             for p in (i1.div_ceil(g) * g..i2).step_by(g) {
                 let end = (p + g).min(cols);
                 let mut rect = Vec::new();
@@ -982,7 +1014,8 @@ fn check_common(
     cols: usize,
     spec: &QuantSpec,
     group_size: Option<usize>,
-) -> Result<Grid> {
+    static_groups: bool,
+) -> Result<GroupMode> {
     spec.validate()?;
     if rows == 0 || cols == 0 {
         return Err(Error::InvalidArgument(format!(
@@ -998,13 +1031,7 @@ fn check_common(
             weight.len()
         )));
     }
-    match group_size {
-        None => Ok(Grid::PerChannel),
-        Some(0) => Err(Error::InvalidArgument(
-            "gptq: group_size must be > 0 (use None / -1 for one group per output row)".into(),
-        )),
-        Some(g) => Ok(Grid::Dynamic(g)),
-    }
+    GroupMode::new(group_size, static_groups)
 }
 
 fn check_hessian(hessian: &[f32], cols: usize) -> Result<()> {
@@ -1029,12 +1056,7 @@ fn check_finite(data: &[f32], ncols: usize, what: &str) -> Result<()> {
                 .iter()
                 .position(|v| !v.is_finite())
                 .unwrap_or(0);
-        let kind = if data[i].is_nan() { "NaN" } else { "Inf" };
-        return Err(Error::NonFinite(format!(
-            "gptq: {what} contains {kind} at row {}, column {}; fix the {what} before quantizing",
-            i / ncols,
-            i % ncols
-        )));
+        return Err(non_finite(what, data[i], i / ncols, i % ncols));
     }
     Ok(())
 }

@@ -131,16 +131,79 @@ fn check_finite(h: &[f32], n: usize) -> Result<()> {
     }
 }
 
-/// Indices with a zero diagonal; error if that is every column.
-fn dead_indices(h: &[f32], n: usize) -> Result<Vec<usize>> {
-    let dead: Vec<usize> = (0..n).filter(|&i| h[i * n + i] == 0.0).collect();
-    if dead.len() == n {
+/// Dead flags (zero diagonal entry) of a Hessian's diagonal; error if every input is dead.
+pub fn dead_flags(diag: &[f32]) -> Result<Vec<bool>> {
+    let n = diag.len();
+    let dead: Vec<bool> = diag.iter().map(|&d| d == 0.0).collect();
+    if dead.iter().all(|&d| d) {
         return Err(Error::InvalidArgument(format!(
             "no calibration signal: every input column of the Hessian is zero — did any \
              calibration token reach this layer? (n = {n})"
         )));
     }
     Ok(dead)
+}
+
+/// mean(diag H) once dead inputs got 1, summed in f64 in the order given: the base that the
+/// damping fractions multiply.
+pub fn damped_mean_diag(diag: &[f32], dead: &[bool]) -> f32 {
+    (diag
+        .iter()
+        .zip(dead)
+        .map(|(&d, &x)| if x { 1.0 } else { d as f64 })
+        .sum::<f64>()
+        / diag.len() as f64) as f32
+}
+
+/// Indices with a zero diagonal; error if that is every column.
+fn dead_indices(h: &[f32], n: usize) -> Result<Vec<usize>> {
+    let diag: Vec<f32> = (0..n).map(|i| h[i * n + i]).collect();
+    let flags = dead_flags(&diag)?;
+    Ok((0..n).filter(|&i| flags[i]).collect())
+}
+
+/// Outcome of the damping escalation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Damping {
+    pub frac: f32,
+    pub value: f32,
+    pub attempts: Vec<f32>,
+}
+
+/// The damping escalation loop of every solver (CPU and CUDA): runs `try_factor(damp_value)`
+/// for each fraction of `policy.schedule()` until it succeeds (`Ok(None)`); `Ok(Some(pos))` is a
+/// failed pivot at input position `pos`. All failing gives the NotPositiveDefinite error naming
+/// every fraction tried. Generic over the error type so device failures pass through unchanged.
+pub fn escalate<E: From<Error>>(
+    policy: DampingPolicy,
+    n: usize,
+    mean_diag: f32,
+    mut try_factor: impl FnMut(f32) -> std::result::Result<Option<usize>, E>,
+) -> std::result::Result<Damping, E> {
+    policy.validate()?;
+    let mut attempts = Vec::new();
+    let mut last_pivot = 0usize;
+    for frac in policy.schedule() {
+        attempts.push(frac);
+        let damp = frac * mean_diag;
+        match try_factor(damp)? {
+            None => {
+                return Ok(Damping {
+                    frac,
+                    value: damp,
+                    attempts,
+                })
+            }
+            Some(pos) => last_pivot = pos,
+        }
+    }
+    let tried: Vec<String> = attempts.iter().map(|f| format!("{f}")).collect();
+    Err(E::from(Error::NotPositiveDefinite(format!(
+        "Hessian ({n}x{n}) is not positive definite even after damping: tried dampening fractions \
+         [{}] of mean(diag H) = {mean_diag:e} (last failure at input column {last_pivot}); raise \
+         dampening_frac (or the damping limit) or supply more calibration data",
+        tried.join(", ")
+    ))))
 }
 
 /// Zeroes row and column `d` of a row-major `n x n` matrix and sets its diagonal to `diag`.
@@ -200,25 +263,14 @@ pub fn factor_damped(h: &[f32], n: usize, policy: DampingPolicy) -> Result<Facto
     check_square(h.len(), n, "factor_damped")?;
     policy.validate()?;
     check_finite(h, n)?;
-    let dead = dead_indices(h, n)?;
-    let is_dead = {
-        let mut v = vec![false; n];
-        dead.iter().for_each(|&d| v[d] = true);
-        v
-    };
-    // mean(diag H) after dead columns got 1, accumulated in f64.
-    let mean_diag = ((0..n)
-        .map(|i| if is_dead[i] { 1.0 } else { h[i * n + i] as f64 })
-        .sum::<f64>()
-        / n as f64) as f32;
+    let diag: Vec<f32> = (0..n).map(|i| h[i * n + i]).collect();
+    let is_dead = dead_flags(&diag)?;
+    let dead: Vec<usize> = (0..n).filter(|&i| is_dead[i]).collect();
+    let mean_diag = damped_mean_diag(&diag, &is_dead);
     let par = Par::rayon(0);
 
-    let mut attempts = Vec::new();
-    let mut last_pivot = 0usize;
     let mut work = vec![0.0f32; n * n];
-    for frac in policy.schedule() {
-        attempts.push(frac);
-        let damp = frac * mean_diag;
+    let damping = escalate::<Error>(policy, n, mean_diag, |damp| {
         // work = J H J: row r is row n-1-r of H reversed (row-major reversal of the flat buffer).
         work.par_chunks_mut(n)
             .zip(h.par_chunks(n).rev())
@@ -233,29 +285,20 @@ pub fn factor_damped(h: &[f32], n: usize, policy: DampingPolicy) -> Result<Facto
         for r in 0..n {
             work[r * n + r] += damp;
         }
-        match cholesky_lower_in_place(&mut work, n, par) {
-            Ok(()) => {
-                // J L J in row-major is the reversed buffer: upper triangular U'.
-                reverse_in_place(&mut work, n);
-                return Ok(Factorization {
-                    n,
-                    factor: work,
-                    damp_frac: frac,
-                    damp_value: damp,
-                    attempts,
-                    dead,
-                });
-            }
-            Err(pivot) => last_pivot = n - 1 - pivot,
-        }
-    }
-    let tried: Vec<String> = attempts.iter().map(|f| format!("{f}")).collect();
-    Err(Error::NotPositiveDefinite(format!(
-        "Hessian ({n}x{n}) is not positive definite even after damping: tried dampening fractions \
-         [{}] of mean(diag H) = {mean_diag:e} (last failure at input column {last_pivot}); raise \
-         dampening_frac (or the damping limit) or supply more calibration data",
-        tried.join(", ")
-    )))
+        Ok(cholesky_lower_in_place(&mut work, n, par)
+            .err()
+            .map(|pivot| n - 1 - pivot))
+    })?;
+    // J L J in row-major is the reversed buffer: upper triangular U'.
+    reverse_in_place(&mut work, n);
+    Ok(Factorization {
+        n,
+        factor: work,
+        damp_frac: damping.frac,
+        damp_value: damping.value,
+        attempts: damping.attempts,
+        dead,
+    })
 }
 
 /// Reverses the flat row-major `n x n` buffer (A -> J A J), in parallel: row i swaps with row

@@ -915,7 +915,7 @@ pub fn gptq_solve(a: &SolveArgs, opts: &GptqOptions) -> CResult<SolveOutcome> {
             damp_frac: damping.frac,
             damp_attempts: damping.attempts,
             dead: (0..n).filter(|&c| dead_orig[c] != 0).collect(),
-            g_idx: plan::g_idx(n, mode, &order),
+            g_idx: mode.g_idx(n, &order),
             perm: opts.act_order.then_some(order),
         })
     })

@@ -427,7 +427,7 @@ fn solve(
         codes,
         scales,
         zeros,
-        g_idx: plan::g_idx(cols, mode, &order),
+        g_idx: mode.g_idx(cols, &order),
         dequantized: dq,
         loss,
         perm: opts.act_order.then_some(order),

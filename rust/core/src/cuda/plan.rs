@@ -1,13 +1,16 @@
-//! Host-side decisions shared by the CUDA path ([`super::device`]) and its CPU model
+//! Host-side decisions of the CUDA path ([`super::device`]) and its CPU model
 //! ([`super::model`]): argument checks, processing order, dead inputs, the batch partition,
-//! the damping escalation loop and the error messages. Keeping them here means the model tests
-//! exercise exactly the code the GPU path runs on the host, and the errors read like the CPU
-//! solver's (`gptq.rs` / `linalg.rs`), word for word where the same condition is detected.
+//! the damping escalation loop and the error messages. The grid layout, column order, `g_idx`,
+//! dead inputs, mean diagonal, damping escalation and messages are the CPU solver's own
+//! functions (`gptq.rs` / `linalg.rs`), re-exported or wrapped here, so both paths decide alike.
 
 use crate::error::{Error, Result};
 use crate::gptq::GptqOptions;
-use crate::linalg::DampingPolicy;
+use crate::linalg;
 use crate::quantizer::{Observer, QuantSpec};
+
+pub use crate::gptq::{processing_order, GroupMode};
+pub use crate::linalg::{escalate, Damping};
 
 /// Widest batch the block kernel handles: one warp per row, 32 lanes x 4 registers.
 pub const MAX_BATCH: usize = 128;
@@ -16,24 +19,8 @@ pub const WARP: usize = 32;
 /// Registers per lane holding the batch's columns (`MAX_BATCH / WARP`).
 pub const REGS: usize = MAX_BATCH / WARP;
 
-/// How scale grids are chosen (the CPU solver's private `Grid`, mirrored).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GroupMode {
-    /// One grid per row, fitted up front on the whole (dead-zeroed) row.
-    PerChannel,
-    /// A grid fitted when processing position `p % g == 0`, on the reference state.
-    Dynamic(usize),
-    /// Grids fitted up front per contiguous ORIGINAL group (act-order + static groups).
-    Static(usize),
-}
-
+/// What the kernels need to know of a [`GroupMode`].
 impl GroupMode {
-    pub fn n_groups(self, cols: usize) -> usize {
-        match self {
-            GroupMode::PerChannel => 1,
-            GroupMode::Dynamic(g) | GroupMode::Static(g) => cols.div_ceil(g),
-        }
-    }
     /// Width of the up-front groups (`cols` for per-channel); `None` for dynamic groups.
     pub fn upfront_width(self, cols: usize) -> Option<usize> {
         match self {
@@ -66,16 +53,7 @@ pub fn check_options(rows: usize, cols: usize, opts: &GptqOptions) -> Result<Gro
             "gptq: weight shape {rows}x{cols} overflows"
         )));
     }
-    let mode = match opts.group_size {
-        None => GroupMode::PerChannel,
-        Some(0) => {
-            return Err(Error::InvalidArgument(
-                "gptq: group_size must be > 0 (use None / -1 for one group per output row)".into(),
-            ))
-        }
-        Some(g) if opts.static_groups => GroupMode::Static(g),
-        Some(g) => GroupMode::Dynamic(g),
-    };
+    let mode = GroupMode::new(opts.group_size, opts.static_groups)?;
     if opts.block_size == 0 {
         return Err(Error::InvalidArgument(
             "gptq: block_size must be > 0 (default 128)".into(),
@@ -106,10 +84,7 @@ pub fn check_observer(spec: &QuantSpec) -> Result<()> {
 
 /// `gptq.rs`'s non-finite weight / Hessian message (`what` = "weight" or "hessian").
 pub fn non_finite(what: &str, value: f32, row: usize, col: usize) -> Error {
-    let kind = if value.is_nan() { "NaN" } else { "Inf" };
-    Error::NonFinite(format!(
-        "gptq: {what} contains {kind} at row {row}, column {col}; fix the {what} before quantizing"
-    ))
+    crate::gptq::non_finite(what, value, row, col)
 }
 
 /// `hessian.rs`'s message for a non-finite activation in a batch.
@@ -120,42 +95,19 @@ pub fn non_finite_activation(batch: u64, dtype: &str, row: usize, col: usize) ->
     ))
 }
 
-/// Processing order: identity, or descending diag(H) (stable), dead inputs counted as 1 --
-/// exactly `gptq_quantize`'s sort.
-pub fn processing_order(diag: &[f32], act_order: bool) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..diag.len()).collect();
-    if act_order {
-        let key: Vec<f32> = diag
-            .iter()
-            .map(|&d| if d == 0.0 { 1.0 } else { d })
-            .collect();
-        order.sort_by(|&a, &b| key[b].total_cmp(&key[a]));
-    }
-    order
-}
-
 /// Dead flags by processing position (zero diagonal), `linalg`'s error when all are dead.
 pub fn dead_positions(diag: &[f32], order: &[usize]) -> Result<Vec<bool>> {
-    let n = diag.len();
-    let dead: Vec<bool> = order.iter().map(|&c| diag[c] == 0.0).collect();
-    if dead.iter().all(|&d| d) {
-        return Err(Error::InvalidArgument(format!(
-            "no calibration signal: every input column of the Hessian is zero — did any \
-             calibration token reach this layer? (n = {n})"
-        )));
-    }
-    Ok(dead)
+    linalg::dead_flags(&permuted(diag, order))
 }
 
-/// mean(diag H) after dead inputs got 1, summed in f64 in processing order (as `linalg` does).
+/// mean(diag H) after dead inputs got 1, summed in processing order (as `linalg` sums the
+/// permuted Hessian the CPU solver factors).
 pub fn mean_diag(diag: &[f32], order: &[usize], dead: &[bool]) -> f32 {
-    let n = order.len();
-    (order
-        .iter()
-        .zip(dead)
-        .map(|(&c, &d)| if d { 1.0 } else { diag[c] as f64 })
-        .sum::<f64>()
-        / n as f64) as f32
+    linalg::damped_mean_diag(&permuted(diag, order), dead)
+}
+
+fn permuted(diag: &[f32], order: &[usize]) -> Vec<f32> {
+    order.iter().map(|&c| diag[c]).collect()
 }
 
 /// The column batches `[i1, i2)` the block kernel runs, at most `min(block_size, 128)` wide.
@@ -186,73 +138,10 @@ pub fn batches(cols: usize, mode: GroupMode, block_size: usize) -> Vec<(usize, u
     out
 }
 
-/// Group index of every original column (as `gptq_quantize` reports it).
-pub fn g_idx(cols: usize, mode: GroupMode, order: &[usize]) -> Vec<i32> {
-    match mode {
-        GroupMode::PerChannel => vec![0; cols],
-        GroupMode::Static(g) => (0..cols).map(|c| (c / g) as i32).collect(),
-        GroupMode::Dynamic(g) => {
-            let mut gi = vec![0i32; cols];
-            for (p, &c) in order.iter().enumerate() {
-                gi[c] = (p / g) as i32;
-            }
-            gi
-        }
-    }
-}
-
-/// Outcome of the damping escalation.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Damping {
-    pub frac: f32,
-    pub value: f32,
-    pub attempts: Vec<f32>,
-}
-
-/// Runs `try_factor(damp_value)` for each fraction of `policy.schedule()` (the schedule
-/// `linalg::factor_damped` uses) until it succeeds (`Ok(None)`); `Ok(Some(pos))` is a failed
-/// pivot at processing position `pos`. All failing gives `linalg`'s NotPositiveDefinite message.
-/// Generic over the error type so device failures pass through unchanged.
-pub fn escalate<E: From<Error>>(
-    policy: DampingPolicy,
-    n: usize,
-    mean_diag: f32,
-    mut try_factor: impl FnMut(f32) -> std::result::Result<Option<usize>, E>,
-) -> std::result::Result<Damping, E> {
-    policy.validate()?;
-    let mut attempts = Vec::new();
-    let mut last_pivot = 0usize;
-    for frac in policy.schedule() {
-        attempts.push(frac);
-        let damp = frac * mean_diag;
-        match try_factor(damp)? {
-            None => {
-                return Ok(Damping {
-                    frac,
-                    value: damp,
-                    attempts,
-                })
-            }
-            Some(pos) => last_pivot = pos,
-        }
-    }
-    let tried: Vec<String> = attempts.iter().map(|f| format!("{f}")).collect();
-    Err(E::from(Error::NotPositiveDefinite(format!(
-        "Hessian ({n}x{n}) is not positive definite even after damping: tried dampening fractions \
-         [{}] of mean(diag H) = {mean_diag:e} (last failure at input column {last_pivot}); raise \
-         dampening_frac (or the damping limit) or supply more calibration data",
-        tried.join(", ")
-    ))))
-}
-
 /// `gptq.rs`'s check on the factor's pivots (here read from diag(Hinv) = 1/diag(U')).
 pub fn check_pivots(hinv_diag: &[f32], damp_frac: f32) -> Result<()> {
     if let Some(j) = hinv_diag.iter().position(|d| !(d.is_finite() && *d > 0.0)) {
-        return Err(Error::NotPositiveDefinite(format!(
-            "gptq: Cholesky factor has a non-positive or non-finite pivot {} at column {j} after \
-             damping {damp_frac}; increase the damping",
-            1.0 / hinv_diag[j]
-        )));
+        return Err(crate::gptq::bad_pivot(1.0 / hinv_diag[j], j, damp_frac));
     }
     Ok(())
 }
@@ -260,6 +149,7 @@ pub fn check_pivots(hinv_diag: &[f32], damp_frac: f32) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::linalg::DampingPolicy;
 
     #[test]
     fn batches_cover_columns_and_respect_groups() {
