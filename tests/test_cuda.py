@@ -33,6 +33,84 @@ def test_availability_is_a_bool_with_a_reason() -> None:
     assert _core.cuda_available() == ok
 
 
+class FakeDeviceArray:
+    """Describes a device array through ``__cuda_array_interface__`` and ``__dlpack_device__``
+    without any memory behind it: the bindings must refuse every bad one before touching CUDA,
+    and the good ones are only passed where CUDA is missing."""
+
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        typestr: str = "<f4",
+        *,
+        ptr: int = 1 << 20,
+        readonly: bool = False,
+        strides: tuple[int, ...] | None = None,
+        device: tuple[int, int] = (2, 0),
+        **extra: object,
+    ) -> None:
+        self.interface = {
+            "shape": shape,
+            "typestr": typestr,
+            "data": (ptr, readonly),
+            "strides": strides,
+            "version": 3,
+            **extra,
+        }
+        self.device = device
+
+    @property
+    def __cuda_array_interface__(self) -> dict:
+        return self.interface
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return self.device
+
+
+class NoDevice:
+    """A device array that does not say which device it is on."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.__cuda_array_interface__ = FakeDeviceArray(shape).interface
+
+
+F = FakeDeviceArray
+
+
+def _fake_hessian_args(n: int = 16, rows: int = 4, **change: object) -> dict:
+    args = {
+        "h": FakeDeviceArray((n, n)),
+        "x": FakeDeviceArray((rows, n)),
+        "flag": FakeDeviceArray((8,), "|u1"),
+        "samples": 0,
+        "batch": 0,
+        "stream": 0,
+        "device": 0,
+    }
+    args.update(change)
+    return args
+
+
+def _fake_solve_args(rows: int = 8, cols: int = 16, groups: int = 1, **change: object) -> dict:
+    args = {
+        "weight": FakeDeviceArray((rows, cols)),
+        "hessian": FakeDeviceArray((cols, cols)),
+        "codes": FakeDeviceArray((rows, cols), "|u1"),
+        "scales": FakeDeviceArray((rows, groups)),
+        "zeros": FakeDeviceArray((rows, groups), "<i4"),
+        "dequantized": FakeDeviceArray((rows, cols)),
+        "workspace": FakeDeviceArray((1 << 20,), "|u1"),
+        "stream": 0,
+        "device": 0,
+    }
+    args.update(change)
+    return args
+
+
+def _solve(**kw: object) -> object:
+    return _core.cuda_gptq_solve(**kw)
+
+
 @pytest.mark.skipif(fqcuda.available(), reason="checks the fallback on machines without CUDA")
 def test_without_cuda_every_entry_point_raises_runtime_error() -> None:
     w = torch.randn(8, 16)
@@ -45,14 +123,140 @@ def test_without_cuda_every_entry_point_raises_runtime_error() -> None:
         fqcuda.device_name(0)
     with pytest.raises(RuntimeError, match="CUDA is not available"):
         _core.cuda_gptq_workspace_bytes(8, 16, 0)
-    # Non-null fake addresses: refused before anything dereferences them.
+    # Well-formed descriptions of memory that does not exist: every check passes, then the
+    # missing CUDA is reported before anything would read them.
     with pytest.raises(RuntimeError, match="CUDA is not available"):
-        _core.cuda_gptq_solve(8, 8, 8, 8, 8, 8, 8, 1 << 20, 8, 16, 0, 0)
+        _solve(**_fake_solve_args())
     with pytest.raises(RuntimeError, match="CUDA is not available"):
-        _core.cuda_hessian_add(8, 16, 8, 4, "bfloat16", 0, 0, 8, 0, 0)
+        _solve(**_fake_solve_args(groups=2), group_size=8)
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        _solve(**_fake_solve_args(groups=3), group_size=6, static_groups=True, act_order=True)
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        _core.cuda_hessian_add(**_fake_hessian_args())
     # The layer name is prefixed, as on CPU.
     with pytest.raises(RuntimeError, match="layer 'blk.0.q': CUDA is not available"):
         fqcuda.gptq_quantize(w, h, name="blk.0.q")
+
+
+@pytest.mark.skipif(fqcuda.available(), reason="passes fake addresses the checks accept")
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"x": F((4, 16), "<f2")},
+        {"x": F((4, 16), "<i2"), "dtype": "bfloat16"},
+        {"x": F((4, 16), "<u2"), "dtype": "bf16"},
+        {"x": F((4, 16), "<i2"), "dtype": "float16"},
+        {"x": F((2, 3, 16), "=f4")},
+        # explicit strides that are C-contiguous; length-1 dimensions may have any stride
+        {"x": F((4, 16), strides=(64, 4))},
+        {"x": F((1, 16), strides=(4, 4))},
+        # no rows: nothing to read, a null address is fine
+        {"x": F((0, 16), ptr=0)},
+    ],
+)
+def test_accepted_hessian_batches_get_to_the_cuda_check(change: dict) -> None:
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        _core.cuda_hessian_add(**_fake_hessian_args(**change))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"h": F((16, 15))}, "h: expected a non-empty square [in, in] matrix, got [16, 15]"),
+        ({"h": F((16, 16), "<f2")}, "h: expected dtype float32 ('<f4'), got '<f2' (float16)"),
+        ({"h": F((16, 16), readonly=True)}, "h: is read-only"),
+        ({"h": F((16, 16), ptr=0)}, "h: null device pointer"),
+        ({"x": F((4, 15))}, "x: expected [..., in] = [..., 16], got [4, 15]"),
+        ({"x": F(())}, "x: expected [..., in] = [..., 16], got []"),
+        ({"x": F((4, 16), "<f8")}, "x: expected dtype float32 ('<f4') or float16"),
+        ({"x": F((4, 16), ">f4")}, "got '>f4' (float32)"),
+        ({"x": F((4, 16), "<i2")}, "x: int16 ('<i2') holds raw 16-bit patterns"),
+        (
+            {"x": F((4, 16), "<f2"), "dtype": "bfloat16"},
+            "x: dtype='bfloat16' does not match the tensor's float16 ('<f2')",
+        ),
+        ({"dtype": "int8"}, "dtype must be 'bfloat16', 'float16' or 'float32'"),
+        ({"x": F((4, 16), strides=(4, 64))}, "x: expected a C-contiguous tensor"),
+        ({"x": F((4, 16), strides=(128, 4))}, "got byte strides [128, 4]"),
+        ({"x": F((4, 16), ptr=0)}, "x: null device pointer"),
+        ({"x": F((4, 16), device=(2, 1))}, "x: on cuda:1, expected cuda:0"),
+        ({"x": F((4, 16), device=(13, 0))}, "x: expected a CUDA tensor on cuda:0"),
+        ({"x": torch.zeros(4, 16)}, "x: expected a CUDA tensor on cuda:0, got a Tensor in CPU"),
+        ({"x": torch.zeros(4, 16).numpy()}, "x: expected a CUDA tensor on cuda:0, got a ndarray"),
+        ({"x": [[0.0] * 16]}, "x: expected a CUDA tensor on cuda:0 (an object with"),
+        ({"x": NoDevice((4, 16))}, "x: cannot tell which device this NoDevice is on"),
+        ({"x": F((4, 16), version=4)}, "x: __cuda_array_interface__ version 4"),
+        ({"x": F((4, 16), mask=object())}, "x: __cuda_array_interface__ has a mask"),
+        ({"x": F((4, 16), data=8)}, "'data' is not a (pointer, read-only) pair"),
+        ({"flag": F((8,), "|u1", readonly=True)}, "flag: is read-only"),
+        ({"flag": F((4,), "|u1")}, "flag: expected [bytes] = [8], got [4]"),
+        ({"flag": F((8,), "|u1", device=(2, 3))}, "flag: on cuda:3, expected cuda:0"),
+        ({"device": -1}, "device must be >= 0"),
+    ],
+)
+def test_hessian_binding_checks_every_argument(change: dict, message: str) -> None:
+    with pytest.raises(ValueError) as e:
+        _core.cuda_hessian_add(**_fake_hessian_args(**change))
+    assert message in str(e.value)
+
+
+def test_every_tensor_must_be_on_the_calls_device() -> None:
+    # the call's device is 1: inputs on device 0 are refused, whatever else is right
+    args = _fake_hessian_args(device=1, x=F((4, 16), device=(2, 1)))
+    with pytest.raises(ValueError, match=r"^h: on cuda:0, expected cuda:1"):
+        _core.cuda_hessian_add(**args)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"weight": F((8,))}, "weight: expected a non-empty [out, in] matrix, got [8]"),
+        ({"weight": F((0, 16))}, "weight: expected a non-empty [out, in] matrix"),
+        ({"weight": F((8, 16), "<f2")}, "weight: expected dtype float32 ('<f4')"),
+        ({"weight": F((8, 16), ptr=0)}, "weight: null device pointer"),
+        ({"weight": F((8, 16), device=(1, 0))}, "weight: expected a CUDA tensor"),
+        ({"hessian": F((16, 15))}, "hessian: expected [in, in] = [16, 16], got [16, 15]"),
+        ({"hessian": F((16, 16), device=(2, 1))}, "hessian: on cuda:1, expected cuda:0"),
+        ({"hessian": F((16, 16), strides=(4, 64))}, "hessian: expected a C-contiguous"),
+        ({"codes": F((8, 16), "<i4")}, "codes: expected dtype uint8 ('|u1'), got '<i4' (int32)"),
+        ({"codes": F((8, 16), "|u1", readonly=True)}, "codes: is read-only"),
+        ({"codes": F((16, 8), "|u1")}, "codes: expected [out, in] = [8, 16], got [16, 8]"),
+        ({"scales": F((8, 2))}, "scales: expected [out, groups] = [8, 1], got [8, 2]"),
+        ({"scales": F((8, 1), "<f2")}, "scales: expected dtype float32"),
+        ({"zeros": F((8, 1))}, "zeros: expected dtype int32 ('<i4'), got '<f4'"),
+        ({"zeros": F((8, 1), "<i4", ptr=0)}, "zeros: null device pointer"),
+        ({"dequantized": F((8, 16), readonly=True)}, "dequantized: is read-only"),
+        ({"dequantized": F((8, 16), device=(2, 2))}, "dequantized: on cuda:2"),
+        ({"workspace": F((0,), "|u1")}, "workspace: expected a non-empty 1-D buffer"),
+        ({"workspace": F((64, 64), "|u1")}, "workspace: expected a non-empty 1-D"),
+        ({"workspace": torch.zeros(64, dtype=torch.uint8)}, "workspace: expected a CUDA tensor"),
+    ],
+)
+def test_solve_binding_checks_every_tensor(change: dict, message: str) -> None:
+    with pytest.raises(ValueError) as e:
+        _solve(**_fake_solve_args(**change))
+    assert message in str(e.value)
+
+
+def test_solve_binding_sizes_scales_by_the_groups() -> None:
+    # 16 columns in groups of 6: 3 groups per row, dynamic or static alike
+    for static in (False, True):
+        with pytest.raises(ValueError, match=r"scales: expected \[out, groups\] = \[8, 3\]"):
+            _solve(**_fake_solve_args(groups=2), group_size=6, static_groups=static)
+    # option errors come before any tensor is looked at
+    with pytest.raises(ValueError, match="bits must be one of"):
+        _solve(**_fake_solve_args(weight=None), bits=5)
+    with pytest.raises(ValueError, match="MSE observer is not implemented on the CUDA path"):
+        _solve(**_fake_solve_args(weight=None), observer="mse")
+
+
+def test_solve_inputs_are_checked_without_cuda() -> None:
+    assert _core.cuda_gptq_inputs(FakeDeviceArray((8, 16)), FakeDeviceArray((16, 16)), 0) == (8, 16)
+    msg = r"hessian: expected \[in, in\] = \[16, 16\], got \[8, 8\]"
+    with pytest.raises(ValueError, match=msg):
+        _core.cuda_gptq_inputs(FakeDeviceArray((8, 16)), FakeDeviceArray((8, 8)), 0)
+    with pytest.raises(ValueError, match="weight: on cuda:0, expected cuda:1"):
+        _core.cuda_gptq_inputs(FakeDeviceArray((8, 16)), FakeDeviceArray((16, 16)), 1)
 
 
 @pytest.mark.parametrize(
@@ -85,20 +289,17 @@ def test_mse_observer_is_refused_with_a_pointer_to_cpu() -> None:
         fqcuda.gptq_quantize(torch.randn(4, 8), torch.eye(8), observer="mse")
 
 
-def test_argument_types_and_null_addresses() -> None:
+def test_argument_types() -> None:
     with pytest.raises(TypeError, match="weight: expected a torch.Tensor, got list"):
         fqcuda.gptq_quantize([[1.0]], torch.eye(1))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="hessian: expected a torch.Tensor"):
         fqcuda.gptq_quantize(torch.ones(1, 1), None)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="in_features must be a positive integer"):
         fqcuda.HessianAccumulator(0)
-    # The bindings refuse null device addresses and bad dtypes before looking for CUDA.
-    with pytest.raises(ValueError, match="weight: null device address"):
-        _core.cuda_gptq_solve(0, 8, 8, 8, 8, 8, 8, 1 << 20, 8, 16, 0, 0)
-    with pytest.raises(ValueError, match="dtype must be"):
-        _core.cuda_hessian_add(8, 16, 8, 4, "int8", 0, 0, 8, 0, 0)
     with pytest.raises(ValueError, match="rows must be a positive integer"):
         _core.cuda_gptq_workspace_bytes(0, 16, 0)
+    with pytest.raises(ValueError, match="device must be >= 0"):
+        _core.cuda_device_name(-1)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CPU tensors are refused only once CUDA is there")
@@ -321,6 +522,81 @@ def test_gpu_bad_inputs_give_the_cpu_errors() -> None:
     dev = fqcuda.gptq_quantize(w.cuda(), hs.cuda(), group_size=32)
     assert len(cpu.damp_attempts) > 1
     assert dev.damp_attempts == cpu.damp_attempts
+
+
+def _current_context() -> int | None:
+    import ctypes
+
+    ctx = ctypes.c_void_p()
+    assert ctypes.CDLL("libcuda.so.1").cuCtxGetCurrent(ctypes.byref(ctx)) == 0
+    return ctx.value
+
+
+@gpu
+def test_calls_leave_the_threads_current_context_as_they_found_it() -> None:
+    # A fresh thread has no current context; after each call (success or error) it still has
+    # none, although every call binds the device's primary context while it works. Everything
+    # torch does (allocation) happens on the main thread.
+    import threading
+
+    rows, n = 8, 32
+    h = torch.zeros(n, n, device="cuda:0")
+    x = _activations(10, n, seed=1).cuda()
+    flag = torch.empty(8, dtype=torch.uint8, device="cuda:0")
+    w = torch.randn(rows, n, device="cuda:0")
+    dead = torch.zeros(n, n, device="cuda:0")  # no calibration signal: an error mid-solve
+    outs = [
+        torch.empty(rows, n, dtype=torch.uint8, device="cuda:0"),
+        torch.empty(rows, 1, device="cuda:0"),
+        torch.empty(rows, 1, dtype=torch.int32, device="cuda:0"),
+        torch.empty(rows, n, device="cuda:0"),
+        torch.empty(
+            _core.cuda_gptq_workspace_bytes(rows, n, 0), dtype=torch.uint8, device="cuda:0"
+        ),
+    ]
+    torch.cuda.synchronize()
+    seen: list[object] = []
+
+    def run() -> None:
+        seen.append(_current_context())
+        _core.cuda_device_name(0)
+        seen.append(_current_context())
+        _core.cuda_gptq_workspace_bytes(rows, n, 0)
+        seen.append(_current_context())
+        _core.cuda_hessian_add(h, x, flag, 0, 0, 0, 0)
+        seen.append(_current_context())
+        try:
+            _core.cuda_gptq_solve(w, dead, *outs, 0, 0)
+        except ValueError as e:
+            seen.append(_current_context())
+            seen.append(str(e))
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert seen[:5] == [None] * 5, seen
+    assert "no calibration signal" in str(seen[5])
+    torch.cuda.synchronize()
+    ref = solver.HessianAccumulator(n)
+    ref.add_batch(x.cpu())
+    torch.testing.assert_close(h.cpu(), ref.hessian(), rtol=2e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(
+    not HAS_CUDA or torch.cuda.device_count() < 2, reason="needs two NVIDIA GPUs"
+)
+def test_a_call_on_another_device_keeps_torchs_current_device() -> None:
+    w, h = _problem(16, 64, seed=2)
+    for current, other in [(0, 1), (1, 0)]:
+        torch.cuda.set_device(current)
+        ctx = _current_context()
+        acc = fqcuda.HessianAccumulator(64, device=other)
+        acc.add_batch(_activations(20, 64, seed=3).to(f"cuda:{other}"))
+        res = fqcuda.gptq_quantize(w.to(f"cuda:{other}"), h.to(f"cuda:{other}"))
+        assert torch.cuda.current_device() == current
+        assert _current_context() == ctx
+        assert res.codes.device == torch.device("cuda", other)
+    torch.cuda.set_device(0)
 
 
 # --------------------------------------------------------------------------------------------

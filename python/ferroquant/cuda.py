@@ -1,11 +1,14 @@
 """The CUDA path (``device="cuda"``): Hessians and GPTQ solves on torch CUDA tensors.
 
 Same signatures and results as :mod:`ferroquant.solver`, for tensors on an NVIDIA GPU. Tensors
-stay on the device: Rust receives their addresses, shapes and
-``torch.cuda.current_stream().cuda_stream``, runs cuBLAS / cuSOLVER / NVRTC kernels on a stream
-of its own in torch's (primary) context, and joins that stream to torch's with events both ways,
-so no host synchronisation is needed around it. Outputs and workspaces are allocated here with
-torch, so torch's caching allocator stays the only allocator.
+stay on the device: Rust receives the tensors themselves, reads them through
+``__cuda_array_interface__`` and ``__dlpack_device__`` after checking device, dtype, shape and
+strides, and gets ``torch.cuda.current_stream().cuda_stream``. It runs cuBLAS / cuSOLVER /
+NVRTC kernels on a stream of its own in the device's primary context (the thread's current
+context, hence torch's current device, is as before after every call), and joins that stream
+to torch's with events both ways, so no host synchronisation is needed around it. This module
+only allocates outputs and workspaces with torch, so torch's caching allocator stays the only
+allocator.
 
 Without CUDA (no driver, no CUDA 13 libraries, a build without the ``cuda`` feature) every
 function raises ``RuntimeError("CUDA is not available: <why>")``; :func:`available` says whether
@@ -112,22 +115,15 @@ def _tensor(t: object, arg: str) -> torch.Tensor:
     return t
 
 
-def _on_cuda(t: torch.Tensor, arg: str) -> torch.Tensor:
-    if t.device.type != "cuda":
-        raise ValueError(
-            f"{arg}: expected a CUDA tensor, got one on {t.device} (use ferroquant.solver for "
-            f"CPU tensors)"
-        )
-    if not t.is_floating_point():
-        raise ValueError(f"{arg}: expected a floating-point tensor, got {t.dtype}")
-    return t.detach()
+def _float32(t: torch.Tensor) -> torch.Tensor:
+    # Float tensors of other widths are converted where they are; anything else goes through
+    # as it is, for the binding to refuse with the argument's name.
+    t = t.detach()
+    return t.to(torch.float32).contiguous() if t.is_floating_point() else t
 
 
 def _stream(device: torch.device) -> int:
     return int(torch.cuda.current_stream(device).cuda_stream)
-
-
-_ACT_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 class HessianAccumulator:
@@ -157,32 +153,26 @@ class HessianAccumulator:
 
     def add_batch(self, x: torch.Tensor) -> None:
         """Adds every token of ``x`` ``[..., in_features]`` (a CUDA tensor on this device)."""
-        x = _on_cuda(_tensor(x, "x"), "x")
-        n = self._n
-        if x.dim() == 0 or x.shape[-1] != n:
-            raise ValueError(f"x: expected shape [..., {n}], got {list(x.shape)}")
-        if x.device != self._device:
-            raise ValueError(f"x: on {x.device}, the accumulator is on {self._device}")
-        if x.dtype not in _ACT_DTYPES:
+        x = _tensor(x, "x").detach()
+        if x.is_floating_point() and x.dtype not in (torch.float16, torch.bfloat16):
             x = x.to(torch.float32)
-        x = x.reshape(-1, n).contiguous()
-        rows = x.shape[0]
-        if rows == 0:
-            return
-        _core.cuda_hessian_add(
-            self._h.data_ptr(),
-            n,
-            x.data_ptr(),
-            rows,
-            _ACT_DTYPES[x.dtype],
+        dtype = None
+        if x.dtype == torch.bfloat16:
+            # __cuda_array_interface__ has no bfloat16 type: pass the bits and say what they are
+            x, dtype = x.view(torch.int16), "bfloat16"
+        rows = _core.cuda_hessian_add(
+            self._h,
+            x.contiguous(),
+            self._flag,
             self._samples,
             self._batches,
-            self._flag.data_ptr(),
             _stream(self._device),
             self._device.index,
+            dtype=dtype,
         )
-        self._samples += rows
-        self._batches += 1
+        if rows:
+            self._samples += rows
+            self._batches += 1
 
     def merge(self, other: HessianAccumulator) -> None:
         """Adds ``other``'s samples, as if its batches had been added here."""
@@ -238,40 +228,26 @@ def gptq_quantize(
             scale_dtype=sdt,
         )
         _require()
-        w = _on_cuda(weight, "weight")
-        h = _on_cuda(hessian, "hessian")
-        if w.dim() != 2 or w.shape[0] == 0 or w.shape[1] == 0:
-            raise ValueError(f"weight: expected a non-empty [out, in] matrix, got {list(w.shape)}")
-        rows, cols = w.shape
-        if list(h.shape) != [cols, cols]:
-            raise ValueError(
-                f"hessian: expected shape [{cols}, {cols}] for a weight of {cols} input "
-                f"features, got {list(h.shape)}"
-            )
-        if h.device != w.device:
-            raise ValueError(f"hessian is on {h.device}, weight on {w.device}")
-        dev = w.device
-        w = w.to(torch.float32).contiguous()
-        h = h.to(torch.float32).contiguous()
+        w, h = _float32(weight), _float32(hessian)
+        ordinal = w.device.index if w.is_cuda else torch.cuda.current_device()
+        # Device, dtype, shape and strides of both inputs, checked by the binding.
+        rows, cols = _core.cuda_gptq_inputs(w, h, ordinal)
+        dev = torch.device("cuda", ordinal)
         ng = 1 if group_size == -1 else math.ceil(cols / group_size)
         codes = torch.empty(rows, cols, dtype=torch.uint8, device=dev)
         scales = torch.empty(rows, ng, dtype=torch.float32, device=dev)
         zeros = torch.empty(rows, ng, dtype=torch.int32, device=dev)
         dq = torch.empty(rows, cols, dtype=torch.float32, device=dev)
-        ordinal = _ordinal(dev)
         ws_bytes = int(_core.cuda_gptq_workspace_bytes(rows, cols, ordinal))
         ws = torch.empty(ws_bytes, dtype=torch.uint8, device=dev)
         r = _core.cuda_gptq_solve(
-            w.data_ptr(),
-            h.data_ptr(),
-            codes.data_ptr(),
-            scales.data_ptr(),
-            zeros.data_ptr(),
-            dq.data_ptr(),
-            ws.data_ptr(),
-            ws_bytes,
-            rows,
-            cols,
+            w,
+            h,
+            codes,
+            scales,
+            zeros,
+            dq,
+            ws,
             _stream(dev),
             ordinal,
             bits=bits,

@@ -11,8 +11,12 @@
 //! after is ordered without host synchronisation. The host does wait for our stream where it
 //! needs a value back (a non-finite check, the Cholesky status, the loss).
 //!
-//! Safety: the caller passes raw device addresses; the bindings check sizes/dtypes/devices
-//! through torch before calling and the functions here check every size they can.
+//! Contexts: every entry point leaves the thread's current context as it found it
+//! ([`RestoreContext`]), so torch's current device is unchanged by a call on another device.
+//!
+//! Safety: the caller passes raw device addresses; the bindings read them from each tensor's
+//! `__cuda_array_interface__` after checking its device, dtype, shape and strides, and the
+//! functions here check every size they can.
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -125,9 +129,13 @@ pub fn unavailable_reason() -> Option<String> {
                     )
                 });
             }
-            match catch_unwind(|| CudaContext::new(0)) {
-                Ok(Ok(_)) => None,
-                Ok(Err(e)) => Some(format!("cannot create a CUDA context on device 0: {e:?}")),
+            // The context made here is dropped at once; the caller's stays current.
+            match catch_unwind(|| {
+                let _restore = RestoreContext::save_loaded().map_err(|e| e.to_string())?;
+                CudaContext::new(0).map(drop).map_err(|e| format!("{e:?}"))
+            }) {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(format!("cannot create a CUDA context on device 0: {e}")),
                 Err(p) => Some(format!("CUDA initialisation failed: {}", panic_text(&*p))),
             }
         })
@@ -136,6 +144,53 @@ pub fn unavailable_reason() -> Option<String> {
 
 pub fn available() -> bool {
     unavailable_reason().is_none()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The caller's current context
+// ---------------------------------------------------------------------------------------------
+
+/// Puts back, when dropped, the context that was current on this thread when it was made.
+/// cudarc binds a device's primary context to the thread (creating it, every launch), and the
+/// CUDA runtime derives its current device from the current context, so without this a call on
+/// device 1 would leave torch's current device at 1. Every entry point holds one across all its
+/// CUDA calls; drop runs on every exit path (errors, caught panics).
+struct RestoreContext {
+    prev: dsys::CUcontext,
+}
+
+impl RestoreContext {
+    /// Fails with `Unavailable` without CUDA (the driver calls need libcuda loaded).
+    fn save() -> CResult<Self> {
+        if let Some(r) = unavailable_reason() {
+            return Err(CudaError::Unavailable(r));
+        }
+        Self::save_loaded()
+    }
+
+    /// For callers that checked that libcuda loads.
+    fn save_loaded() -> CResult<Self> {
+        let mut prev: dsys::CUcontext = std::ptr::null_mut();
+        // SAFETY: libcuda is loaded (caller's precondition); writes one handle.
+        match unsafe { dsys::cuCtxGetCurrent(&mut prev) } {
+            dsys::CUresult::CUDA_SUCCESS => {}
+            // Before cuInit nothing can be current: restore "none".
+            dsys::CUresult::CUDA_ERROR_NOT_INITIALIZED => prev = std::ptr::null_mut(),
+            other => return Err(dev_err("cuCtxGetCurrent", other)),
+        }
+        Ok(Self { prev })
+    }
+}
+
+impl Drop for RestoreContext {
+    fn drop(&mut self) {
+        // SAFETY: `prev` was current on this thread when the guard was made (or null: none),
+        // and the caller, blocked in this call, cannot have destroyed it meanwhile. A failure
+        // cannot be reported from here; it would leave our context current, nothing worse.
+        unsafe {
+            dsys::cuCtxSetCurrent(self.prev);
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -358,6 +413,7 @@ fn on_device<T>(
     torch_stream: u64,
     f: impl FnOnce(&mut Dev) -> CResult<T>,
 ) -> CResult<T> {
+    let _restore = RestoreContext::save()?;
     let slot = device(ordinal)?;
     let mut guard = slot
         .lock()
@@ -599,6 +655,7 @@ pub fn solve_workspace_bytes(rows: usize, cols: usize, ordinal: usize) -> CResul
         ))
         .into());
     }
+    let _restore = RestoreContext::save()?;
     let slot = device(ordinal)?;
     let dev = slot
         .lock()
@@ -923,6 +980,7 @@ pub fn gptq_solve(a: &SolveArgs, opts: &GptqOptions) -> CResult<SolveOutcome> {
 
 /// The device's name (for benchmark reports).
 pub fn device_name(ordinal: usize) -> CResult<String> {
+    let _restore = RestoreContext::save()?;
     let slot = device(ordinal)?;
     let dev = slot
         .lock()
