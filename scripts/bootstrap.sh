@@ -59,9 +59,10 @@ say "installing the Python dependencies (extras: $extras): $names"
 [ "$job" = demo ] || say "(the test extras include gptqmodel, built from source: the longest step)"
 "$py" -m pip install --disable-pip-version-check "${reqs[@]}"
 
-# `cargo test` below shares this build's target directory (CARGO_TARGET_DIR or ./target),
-# release profile and the core's `cuda` feature, so every crate whose resolved features agree
-# between the two builds is compiled once.
+# `cargo test` below shares this build's target directory (CARGO_TARGET_DIR or ./target) and
+# release profile, and selects the extension crate too (it has no Rust tests), so dependency
+# features resolve as in this build and every compiled dependency is reused: only the core's
+# test harness is compiled again.
 cd "$root"
 say "building the Rust extension (cargo, release profile; the first build takes several minutes)"
 VIRTUAL_ENV="$venv" PATH="$venv/bin:$PATH" "$venv/bin/maturin" develop --release
@@ -77,7 +78,7 @@ case "$job" in
     say "ruff"
     "$py" -m ruff check --quiet python tests benches
     say "cargo test of the Rust core (release profile, the build directory above)"
-    cargo test -p ferroquant-core --release --features cuda --quiet
+    cargo test -p ferroquant-core -p ferroquant-python --release --quiet
     say "pytest"
     exec "$py" -m pytest -q "$@" tests
     ;;

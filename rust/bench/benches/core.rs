@@ -1,4 +1,4 @@
-//! `cargo bench -p ferroquant-core [-- FILTER]`: criterion benchmarks of the core, one
+//! `cargo bench -p ferroquant-bench [-- FILTER]`: criterion benchmarks of the core, one
 //! `criterion_group!` per module so each owner adds theirs without touching the others:
 //!
 //! - group "hessian": `HessianAccumulator::add_batch` (f32 and bf16 input), n = 1024, 4096, 11008
