@@ -1026,9 +1026,10 @@ mod tests {
         }
     }
 
-    /// f64 qdq with the scale/zero of the f32 path (x / s rounded to f32 as the kernel divides).
+    /// qdq in f64 with the scale/zero of the f32 path: `x / s` rounded to f32 as the kernel
+    /// divides; the final product is exact in f64 and rounded to f32 once, as f32 arithmetic does.
     fn ref_qdq(fmt: Format, x: f32, q: QParams) -> f64 {
-        match fmt {
+        let v = match fmt {
             Format::Int { bits, .. } => {
                 let half = (1i64 << (bits - 1)) as f64;
                 let t = (x / q.scale) as f64;
@@ -1039,7 +1040,8 @@ mod tests {
                 let t = ((x / q.scale) as f64).clamp(-448.0, 448.0);
                 value_f64(reference_encode(t)).unwrap_or(f64::NAN) * q.scale as f64
             }
-        }
+        };
+        v as f32 as f64
     }
 
     /// Scale and zero from a range, transcribed from compressed-tensors' rule in f64 (the
