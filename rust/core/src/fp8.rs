@@ -52,13 +52,13 @@ const fn decode_table() -> [f32; 256] {
 }
 
 /// The value of an E4M3FN byte.
-#[inline]
+#[inline(always)]
 pub fn decode(code: u8) -> f32 {
     DECODE[code as usize]
 }
 
 /// f32 -> E4M3FN byte: round to nearest even, saturating at ±448, NaN -> 0x7F (sign kept).
-#[inline]
+#[inline(always)]
 pub fn encode(x: f32) -> u8 {
     let bits = x.to_bits();
     let sign = ((bits >> 24) & 0x80) as u8;
@@ -88,7 +88,7 @@ pub fn encode(x: f32) -> u8 {
 }
 
 /// `decode(encode(x))`.
-#[inline]
+#[inline(always)]
 pub fn round(x: f32) -> f32 {
     decode(encode(x))
 }
