@@ -369,8 +369,13 @@ fn slice_minmax<T: Elem>(s: &[T]) -> (f32, f32, bool) {
 }
 
 /// Folds one row into the parameters covering it; false if the row has a non-finite value.
-#[inline]
-fn row_minmax<T: Elem>(row: &[T], strategy: Strategy, lo: &mut [f32], hi: &mut [f32]) -> bool {
+#[inline(always)]
+fn row_minmax_inline<T: Elem>(
+    row: &[T],
+    strategy: Strategy,
+    lo: &mut [f32],
+    hi: &mut [f32],
+) -> bool {
     match strategy {
         Strategy::Tensor | Strategy::Row => {
             let (l, h, ok) = slice_minmax(row);
@@ -400,6 +405,10 @@ fn row_minmax<T: Elem>(row: &[T], strategy: Strategy, lo: &mut [f32], hi: &mut [
         }
     }
 }
+
+avx2_dispatch!(row_minmax, row_minmax_avx2, row_minmax_inline, (
+    row: &[T], strategy: Strategy, lo: &mut [f32], hi: &mut [f32]
+) -> bool);
 
 fn batch_minmax_typed<T: Elem>(
     x: &[T],
