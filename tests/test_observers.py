@@ -10,9 +10,6 @@ import torch
 from ferroquant import _core
 from ferroquant import observers as fo
 
-ct_helpers = pytest.importorskip("compressed_tensors.quantization.utils.helpers")
-ct_args = pytest.importorskip("compressed_tensors.quantization.quant_args")
-
 STRATEGIES = [
     ("tensor", None, 1),
     ("token", None, 1),
@@ -55,6 +52,9 @@ def layout(strategy: str, group_size: int | None, axis: int, rows: int, cols: in
 
 def ct_qparams(lo: torch.Tensor, hi: torch.Tensor, kind: str, bits: int, sym: bool):
     """compressed-tensors' own scale / zero-point rule (the reference)."""
+    # Only the tests that need it skip when compressed-tensors is absent.
+    ct_helpers = pytest.importorskip("compressed_tensors.quantization.utils.helpers")
+    ct_args = pytest.importorskip("compressed_tensors.quantization.quant_args")
     args = ct_args.QuantizationArgs(num_bits=bits, type=kind, symmetric=sym)
     s, z = ct_helpers.calculate_qparams(lo, hi, args)
     return s.reshape(-1).float(), z.reshape(-1).to(torch.int32)
