@@ -17,7 +17,7 @@ Conventions shared by every function:
 from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, TypeAlias, TypedDict
 
 import numpy as np
 import numpy.typing as npt
@@ -250,3 +250,63 @@ def cuda_check_options(
     observer: str = "minmax", scale_dtype: str = "float32",
 ) -> None:
     """Raises ``ValueError`` for options the GPU solver does not take (same text as the CPU's)."""
+
+# Activation observers and fake quantization. ``x`` is read as ``HessianAccumulator.add_batch``
+# reads it: a 2-D float32 or float16 array, or uint16/int16 bit patterns with ``dtype='bf16'``
+# or ``'f16'``. Scales are float32 and zero points int32 arrays of any shape holding the
+# strategy's number of values, row-major: tensor 1, token ``rows``, channel ``columns`` (per
+# row with ``channel_axis=0``), group ``rows * ceil(columns / group_size)``. Codes are signed
+# (compressed-tensors): int symmetric scale = absmax / ((2^b - 1) / 2), asymmetric
+# (max - min) / (2^b - 1) with zero = round(clamp(qmin - min / scale)); FP8 absmax / 448.
+
+ObserverName: TypeAlias = Literal["minmax", "static_minmax", "moving_average_minmax", "mse"]
+StrategyName: TypeAlias = Literal["tensor", "channel", "token", "group"]
+
+class Observer:
+    """Streaming min/max statistics (or the MSE shrink search) of one tensor kind.
+
+    ``minmax`` / ``static_minmax``: absolute min/max over all batches; ``moving_average_minmax``:
+    ``m <- m + c * (batch_min - m)``, the first batch sets ``m``; ``mse``: per scale, the shrink
+    ``p = 1 - i / grid`` (``i < floor(maxshrink * grid)``) of the running range with the
+    smallest ``sum |x - qdq(x)|^norm`` summed over batches. NaN/inf in a batch is a
+    ``ValueError`` naming its position (the observer is left unchanged)."""
+
+    def __init__(
+        self, columns: int, observer: ObserverName = "minmax", *,
+        strategy: StrategyName = "tensor", type: Literal["int", "float"] = "int",
+        num_bits: int = 8, symmetric: bool = True, group_size: int | None = None,
+        channel_axis: int = 1, averaging_constant: float = 0.01, grid: int = 100,
+        maxshrink: float = 0.2, norm: float = 2.4,
+    ) -> None: ...
+    def update(self, x: npt.NDArray[Any], dtype: Literal["bf16", "f16", "f32"] | None = None) -> None:
+        """Folds a ``[rows, columns]`` batch in (per-row strategies: same rows every batch)."""
+    def scale_zero_point(self) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int32]]:
+        """2-D scales and zero points; ``ValueError`` before the first batch."""
+    def min_max(self) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """The range the scales come from (MSE: the chosen shrunk range)."""
+    @property
+    def batches(self) -> int: ...
+    @property
+    def columns(self) -> int: ...
+
+def fake_quantize_int(
+    x: npt.NDArray[Any], scales: npt.NDArray[np.float32],
+    zero_points: npt.NDArray[np.int32] | None = None, *, num_bits: int = 8,
+    strategy: StrategyName = "tensor", group_size: int | None = None, channel_axis: int = 1,
+    dtype: Literal["bf16", "f16", "f32"] | None = None,
+) -> npt.NDArray[np.float32]:
+    """``(clamp(round(x / s) + z, qmin, qmax) - z) * s`` (half to even; NaN stays NaN)."""
+
+def fake_quantize_fp8(
+    x: npt.NDArray[Any], scales: npt.NDArray[np.float32], *, strategy: StrategyName = "tensor",
+    group_size: int | None = None, channel_axis: int = 1,
+    dtype: Literal["bf16", "f16", "f32"] | None = None,
+) -> npt.NDArray[np.float32]:
+    """``e4m3fn(clamp(x / s, -448, 448)) * s`` (round to nearest even; NaN stays NaN)."""
+
+def dynamic_token_fake_quantize(
+    x: npt.NDArray[Any], *, type: Literal["int", "float"] = "int", num_bits: int = 8,
+    symmetric: bool = True, dtype: Literal["bf16", "f16", "f32"] | None = None,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.int32]]:
+    """Per-row scales from each row's min/max and the qdq in one pass:
+    ``(qdq(x), scales [rows, 1], zero points [rows, 1])``; NaN/inf is a ``ValueError``."""

@@ -8,6 +8,9 @@
 //! - [`linalg`]    dead-column handling, damping and its escalation, the Cholesky factor the
 //!   solver needs
 //! - [`quantizer`] per-row/per-group scales and zero points (min-max, MSE grid search)
+//! - [`observer`]  activation ranges (min-max, static, moving average, MSE), scales/zero points,
+//!   int and FP8 quantize-dequantize, dynamic per-token fake quantization
+//! - [`fp8`]       FP8 E4M3FN encoding (round to nearest even, saturating) and decoding
 //! - [`gptq`]      the column solver (lazy batches, groups, act-order, static groups)
 //! - [`pack`]      int2/3/4/8 bit packing for the GPTQ and compressed-tensors layouts
 //! - [`io`]        atomic, sharded safetensors writing
@@ -16,10 +19,12 @@
 
 pub mod cuda;
 pub mod error;
+pub mod fp8;
 pub mod gptq;
 pub mod hessian;
 pub mod io;
 pub mod linalg;
+pub mod observer;
 pub mod pack;
 pub mod quantizer;
 pub mod syrk_bf16;

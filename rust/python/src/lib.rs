@@ -7,6 +7,7 @@
 //! No arithmetic lives here.
 
 mod cuda;
+mod observer;
 
 use std::any::Any;
 use std::collections::BTreeMap;
@@ -1200,5 +1201,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(available_threads, m)?)?;
     m.add_function(wrap_pyfunction!(_test_panic, m)?)?;
     cuda::register(m)?;
+    observer::register(m)?;
     Ok(())
 }
