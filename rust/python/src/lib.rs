@@ -417,6 +417,24 @@ fn bits16<'a>(s: &'a [u16], kind: &HalfKind) -> Activations<'a> {
     }
 }
 
+/// A batch of `want`-wide activation rows and its row count; a wrong width is an error that
+/// says whose width (`owner`) it must match.
+fn batch_of_width<'py>(
+    x: &Bound<'py, PyAny>,
+    dtype: Option<&str>,
+    want: usize,
+    owner: &str,
+) -> PyResult<(Batch<'py>, usize)> {
+    let batch = batch_arg(x, dtype)?;
+    let (rows, n) = batch.shape();
+    if n != want {
+        return Err(value_err(format!(
+            "x: expected shape [rows, {want}] ({owner}), got [{rows}, {n}]"
+        )));
+    }
+    Ok((batch, rows))
+}
+
 fn batch_arg<'py>(x: &Bound<'py, PyAny>, dtype: Option<&str>) -> PyResult<Batch<'py>> {
     const EXPECT: &str =
         "float32 or float16, or uint16/int16 bit patterns with dtype='bf16' or 'f16'";
@@ -497,14 +515,12 @@ impl PyHessianAccumulator {
         dtype: Option<&str>,
     ) -> PyResult<()> {
         guarded("HessianAccumulator.add_batch", || {
-            let batch = batch_arg(x, dtype)?;
-            let (rows, n) = batch.shape();
-            let want = self.inner.columns();
-            if n != want {
-                return Err(value_err(format!(
-                    "x: expected shape [rows, {want}] (the accumulator's in_features), got [{rows}, {n}]"
-                )));
-            }
+            let (batch, rows) = batch_of_width(
+                x,
+                dtype,
+                self.inner.columns(),
+                "the accumulator's in_features",
+            )?;
             let acts = batch.activations()?;
             let inner = &mut self.inner;
             compute(py, move || inner.add_batch(acts, rows)).map_err(to_py_err)

@@ -9,8 +9,8 @@ use numpy::{PyArray2, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedA
 use pyo3::prelude::*;
 
 use crate::{
-    as_ndarray, batch_arg, check_layout, compute, guarded, out2, positive_usize, to_py_err,
-    value_err,
+    as_ndarray, batch_arg, batch_of_width, check_layout, compute, guarded, out2, positive_usize,
+    to_py_err, value_err,
 };
 
 fn format_arg(kind: &str, num_bits: i64, symmetric: bool) -> PyResult<Format> {
@@ -173,14 +173,8 @@ impl PyObserver {
         dtype: Option<&str>,
     ) -> PyResult<()> {
         guarded("Observer.update", || {
-            let batch = batch_arg(x, dtype)?;
-            let (rows, n) = batch.shape();
-            let want = self.inner.columns();
-            if n != want {
-                return Err(value_err(format!(
-                    "x: expected shape [rows, {want}] (the observer's columns), got [{rows}, {n}]"
-                )));
-            }
+            let (batch, rows) =
+                batch_of_width(x, dtype, self.inner.columns(), "the observer's columns")?;
             let acts = batch.activations()?;
             let inner = &mut self.inner;
             compute(py, move || inner.update(acts, rows)).map_err(to_py_err)
