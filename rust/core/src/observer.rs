@@ -1238,6 +1238,7 @@ mod tests {
                     bits,
                     symmetric: true,
                     observer: crate::quantizer::Observer::MinMax,
+                    scale_dtype: crate::quantizer::ScaleDtype::F32,
                 };
                 let w = crate::quantizer::minmax_params(lo, hi, &spec);
                 let a = Format::Int {
