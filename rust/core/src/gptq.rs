@@ -1257,9 +1257,7 @@ mod tests {
                 let e = (i + g).min(n);
                 groups.push(
                     (0..rows)
-                        .map(|r| {
-                            ref_find_params(&w0[r * n + i..r * n + e], cfg)
-                        })
+                        .map(|r| ref_find_params(&w0[r * n + i..r * n + e], cfg))
                         .collect(),
                 );
             }
@@ -1282,9 +1280,7 @@ mod tests {
                         if col % g == 0 {
                             let e = (col + g).min(n);
                             params = (0..rows)
-                                .map(|r| {
-                                    ref_find_params(&wm[r * n + col..r * n + e], cfg)
-                                })
+                                .map(|r| ref_find_params(&wm[r * n + col..r * n + e], cfg))
                                 .collect();
                         }
                     } else {
@@ -1763,8 +1759,11 @@ mod tests {
         let (rows, cols) = (6usize, 96usize);
         let (w, _) = problem(rows, cols, 200, 13, &[]);
         for dtype in [ScaleDtype::F16, ScaleDtype::Bf16] {
-            for &(bits, sym, group) in &[(4u8, false, Some(32)), (3, true, None), (8, false, Some(40))]
-            {
+            for &(bits, sym, group) in &[
+                (4u8, false, Some(32)),
+                (3, true, None),
+                (8, false, Some(40)),
+            ] {
                 let spec = QuantSpec {
                     bits,
                     symmetric: sym,
@@ -1784,10 +1783,7 @@ mod tests {
                         let tie = (x - x.floor() - 0.5).abs() < 1e-6;
                         let code = res.codes[r * cols + c] as f64;
                         assert!(code == expect || tie, "{dtype:?} ({r},{c})");
-                        assert_eq!(
-                            res.dequantized[r * cols + c],
-                            s * (code as i32 - z) as f32
-                        );
+                        assert_eq!(res.dequantized[r * cols + c], s * (code as i32 - z) as f32);
                     }
                 }
             }

@@ -633,7 +633,12 @@ mod tests {
         let py = "import json,sys; d=json.load(open(sys.argv[1])); \
                   assert d['metadata']['total_size']==16, d; \
                   assert d['weight_map']=={'we\"ird\\\\name':'m-00001-of-00002.safetensors','tab\\tname':'m-00002-of-00002.safetensors'}, d";
-        for exe in ["/root/.cache/ferroquant/venv/bin/python", "python3"] {
+        // any Python reads JSON: the one running the tests, else the system's
+        let exes = [
+            std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()),
+            "python".into(),
+        ];
+        for exe in &exes {
             if let Ok(o) = std::process::Command::new(exe)
                 .arg("-c")
                 .arg(py)

@@ -637,8 +637,13 @@ mod tests {
                         let s = spec(bits, sym, obs);
                         let p = fit_group(&x, &s);
                         let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
-                        let (rs, rz) =
-                            reference_params(&x64, bits, sym, mse.then_some((100, 0.8, 2.4)), ScaleDtype::F32);
+                        let (rs, rz) = reference_params(
+                            &x64,
+                            bits,
+                            sym,
+                            mse.then_some((100, 0.8, 2.4)),
+                            ScaleDtype::F32,
+                        );
                         assert!(
                             ((p.scale as f64 - rs) / rs).abs() < 1e-5,
                             "bits {bits} sym {sym} mse {mse} n {n}: scale {} vs {rs}",
@@ -680,16 +685,27 @@ mod tests {
         for h in 0..=u16::MAX {
             let a = f16_bits_to_f32(h);
             let b = half::f16::from_bits(h).to_f32();
-            assert!(a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()), "f16 {h:#x}");
+            assert!(
+                a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
+                "f16 {h:#x}"
+            );
             assert_eq!(bf16_bits_to_f32(h).to_bits(), (h as u32) << 16);
         }
         let check = |x: f32| {
             let (a, b) = (f32_to_f16_bits(x), half::f16::from_f32(x).to_bits());
             let nan = x.is_nan() && a & 0x7c00 == 0x7c00 && a & 0x3ff != 0;
-            assert!(a == b || nan, "f16({x:e} = {:#x}): {a:#x} vs {b:#x}", x.to_bits());
+            assert!(
+                a == b || nan,
+                "f16({x:e} = {:#x}): {a:#x} vs {b:#x}",
+                x.to_bits()
+            );
             let (a, b) = (f32_to_bf16_bits(x), half::bf16::from_f32(x).to_bits());
             let nan = x.is_nan() && a & 0x7f80 == 0x7f80 && a & 0x7f != 0;
-            assert!(a == b || nan, "bf16({x:e} = {:#x}): {a:#x} vs {b:#x}", x.to_bits());
+            assert!(
+                a == b || nan,
+                "bf16({x:e} = {:#x}): {a:#x} vs {b:#x}",
+                x.to_bits()
+            );
         };
         // Around every rounding boundary (the exact midpoints, where ties go to even, and their
         // f32 neighbours), then a stride through all f32 bit patterns.
@@ -742,7 +758,10 @@ mod tests {
             assert_eq!(ScaleDtype::from_name(name).unwrap().name(), name);
         }
         let e = ScaleDtype::from_name("half").unwrap_err().to_string();
-        assert!(e.contains("'float32', 'float16', 'bfloat16'") && e.contains("half"), "{e}");
+        assert!(
+            e.contains("'float32', 'float16', 'bfloat16'") && e.contains("half"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -831,7 +850,13 @@ mod tests {
             );
             // float32 / bfloat16 hold it.
             for d in [ScaleDtype::F32, ScaleDtype::Bf16] {
-                let p = fit_group(&x, &QuantSpec { scale_dtype: d, ..s });
+                let p = fit_group(
+                    &x,
+                    &QuantSpec {
+                        scale_dtype: d,
+                        ..s
+                    },
+                );
                 assert!(p.scale.is_finite());
                 assert!(check_scales(&[p.scale], 1, d).is_ok());
             }
