@@ -22,10 +22,6 @@ __all__ = ["quantize", "target_layers"]
 METHODS = ("gptq", "rtn")
 
 
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-
-
 def target_layers(model: nn.Module, recipe: GPTQ | dict[str, Any] | str | Path
                   ) -> list[TargetLayer]:
     """The layers ``recipe`` quantizes in ``model`` (the modifiers' own target resolution: inside
@@ -49,11 +45,11 @@ def _checkpoint_plan(model: nn.Module, recipe: GPTQ, format: str | None,
                      ) -> tuple[dict[str, Any], str | None]:
     """What the checkpoint will be (format, GPTQ version, scale dtype), checked against every
     target layer before any calibration work; and a note to show the user, if any."""
-    if format is None:
-        # no format named: scales stay in the model's dtype (compressed-tensors' rule)
-        return {"format": None, "checkpoint_format": None,
-                "scale_dtype": _model_dtype(model)}, None
     from .formats import feasibility
+
+    if format is None:  # no format named: scales stay in the model's dtype
+        return {"format": None, "checkpoint_format": None,
+                "scale_dtype": feasibility.model_dtype(model)}, None
 
     layers = target_layers(model, recipe)
     fmt = feasibility.canonical_format(format)
@@ -61,7 +57,7 @@ def _checkpoint_plan(model: nn.Module, recipe: GPTQ, format: str | None,
         fmt, checkpoint_format, any(not la.args.symmetric for la in layers), hint=hint)
     feasibility.check_feasible(layers, fmt, ckpt, hint=hint)
     return {"format": fmt, "checkpoint_format": ckpt,
-            "scale_dtype": feasibility.scale_dtype_for(fmt, ckpt, _model_dtype(model))}, note
+            "scale_dtype": feasibility.scale_dtype_for(fmt, ckpt, feasibility.model_dtype(model))}, note
 
 
 def quantize(

@@ -47,6 +47,7 @@ from .feasibility import (
     canonical_format,
     check_feasible,
     format_of,
+    model_dtype,
     scale_dtype_for,
 )
 
@@ -111,16 +112,6 @@ def _layer_from_module(name: str, m: nn.Module, q: QuantizedWeight) -> LayerCode
     bias = getattr(m, "bias", None)
     bias = bias.detach().cpu() if isinstance(bias, torch.Tensor) else None
     return LayerCodes(codes.to(torch.uint8), scales, zeros, g_idx, q.args, bias)
-
-
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    dt = getattr(model, "dtype", None)
-    if isinstance(dt, torch.dtype) and dt.is_floating_point:
-        return dt
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
 
 
 def _dedupe_shared(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -193,7 +184,7 @@ def save(
     if not layers:
         raise ValueError(f"no module carries {ATTR!r}: quantize the model before saving it")
 
-    mdtype = _model_dtype(model)
+    mdtype = model_dtype(model)
     scale_dtype = target_scale_dtype or scale_dtype_for(fmt, checkpoint_format, mdtype)
     if fmt == "gptq":  # refuse what the layout cannot store before anything is written
         for name, layer in layers.items():
@@ -375,7 +366,7 @@ def load(
         raise CheckpointError(f"{d}: config says {fmt} but no quantized tensors were found")
 
     model = _build_empty_model(d, dtype, trust_remote_code)
-    cdtype = _model_dtype(model)
+    cdtype = model_dtype(model)
     consumed: set[str] = set()
     for prefix in prefixes:
         try:

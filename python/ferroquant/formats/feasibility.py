@@ -72,6 +72,18 @@ def format_of(quantization_config: dict[str, Any]) -> str | None:
     return None
 
 
+def model_dtype(model: Any) -> torch.dtype:
+    """The dtype a model's floating weights are in (what compressed-tensors stores scales in):
+    the one place both the solve and the writers read it from."""
+    dt = getattr(model, "dtype", None)
+    if isinstance(dt, torch.dtype) and dt.is_floating_point:
+        return dt
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
 def scale_dtype_for(format: str, checkpoint_format: str | None,
                     model_dtype: torch.dtype) -> torch.dtype:
     """The dtype a checkpoint stores scales in: float16 for GPTQ (v1 and v2), the model's own
