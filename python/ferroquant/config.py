@@ -1,4 +1,5 @@
-"""Recipes: weight schemes, presets, ``config_groups``, targets/ignore matching, GPTQ options.
+"""Recipes: weight and activation schemes, presets, ``config_groups``, ``kv_cache_scheme``,
+targets/ignore matching, GPTQ options.
 
 The shapes follow llm-compressor / compressed-tensors so a recipe written for one reads naturally
 in the other: ``QuantizationArgs`` keeps compressed-tensors' field names, a config group is
@@ -34,40 +35,40 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 __all__ = [
     "GPTQ",
+    "OBSERVERS",
     "PRESET_SCHEMES",
+    "ActivationArgs",
     "QuantizationArgs",
     "QuantizationScheme",
     "match_specificity",
     "match_target",
+    "preset",
     "preset_scheme",
 ]
 
 
-class QuantizationArgs(BaseModel):
-    """Weight quantization arguments, named as compressed-tensors names them."""
+OBSERVERS = ("minmax", "static_minmax", "moving_average_minmax", "mse")
+_OBSERVER_KWARGS = {"averaging_constant", "grid", "maxshrink", "norm"}
+
+
+class _Args(BaseModel):
+    """What weights and activations share: compressed-tensors' ``QuantizationArgs`` fields."""
 
     model_config = ConfigDict(extra="forbid")
 
-    num_bits: int = 4
-    type: Literal["int"] = "int"
+    num_bits: int = 8
+    type: Literal["int", "float"] = "int"
     symmetric: bool = True
-    strategy: Literal["channel", "group"] = "group"
-    group_size: int | None = 128
-    actorder: Literal["static", "group"] | None = None
-    observer: Literal["minmax", "mse"] = "minmax"
-    dynamic: bool = False
+    strategy: Literal["tensor", "channel", "group", "token", "attn_head"] | None = None
+    group_size: int | None = None
+    observer: str | None = None
+    observer_kwargs: dict[str, float] = Field(default_factory=dict)
+    dynamic: bool | Literal["local"] = False
 
-    @property
-    def effective_group_size(self) -> int:
-        """-1 for per-channel, else the group size."""
-        return -1 if self.strategy == "channel" or not self.group_size else int(self.group_size)
-
-    @field_validator("num_bits")
+    @field_validator("type", mode="before")
     @classmethod
-    def _bits(cls, v: int) -> int:
-        if v not in (2, 3, 4, 8):
-            raise ValueError(f"num_bits must be one of 2, 3, 4, 8 (the packed formats), got {v}")
-        return v
+    def _type(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) else v
 
     @field_validator("group_size")
     @classmethod
@@ -76,10 +77,88 @@ class QuantizationArgs(BaseModel):
             raise ValueError(f"group_size must be a positive integer, -1 or null, got {v}")
         return v
 
+    @field_validator("observer", mode="before")
+    @classmethod
+    def _observer(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.lower() in ("none", "null", "memoryless"):
+            return None
+        if v is not None and v not in OBSERVERS:
+            raise ValueError(f"unknown observer {v!r}; observers are {', '.join(OBSERVERS)}")
+        return v
+
+    @field_validator("observer_kwargs")
+    @classmethod
+    def _observer_kwargs(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = set(v) - _OBSERVER_KWARGS
+        if unknown:
+            raise ValueError(f"unknown observer_kwargs {sorted(unknown)}; known: "
+                             f"{sorted(_OBSERVER_KWARGS)}")
+        c = v.get("averaging_constant")
+        if c is not None and not 0.0 < c <= 1.0:
+            raise ValueError(f"averaging_constant must be in (0, 1], got {c}")
+        return v
+
+    def _check_type(self, what: str) -> None:
+        if self.type == "float":
+            if self.num_bits != 8:
+                raise ValueError(f"{what}: type 'float' is FP8 (E4M3), so num_bits must be 8, "
+                                 f"got {self.num_bits}")
+            if not self.symmetric:
+                raise ValueError(f"{what}: FP8 (type 'float') is symmetric only")
+
+    @property
+    def effective_group_size(self) -> int:
+        """-1 for one scale per row (channel, token, tensor), else the group size."""
+        return int(self.group_size) if self.strategy == "group" and self.group_size else -1
+
+    def describe(self) -> str:
+        """``int8 per-token dynamic (symmetric)``, ``fp8 per-tensor static (static_minmax)``."""
+        kind = f"fp{self.num_bits}" if self.type == "float" else f"int{self.num_bits}"
+        where = (f"group {self.group_size}" if self.strategy == "group"
+                 else {"attn_head": "per-head"}.get(str(self.strategy), f"per-{self.strategy}"))
+        how = "dynamic" if self.dynamic else "static"
+        extra = "symmetric" if self.symmetric else "asymmetric"
+        if not self.dynamic and self.observer:
+            extra += f", {self.observer}"
+        return f"{kind} {where} {how} ({extra})"
+
+
+class QuantizationArgs(_Args):
+    """Weight quantization arguments, named as compressed-tensors names them: integer grids of
+    2, 3, 4 or 8 bits per channel or per group (solved by GPTQ or rounded to nearest), or FP8
+    (``type: float``) per tensor or per channel (rounded to nearest)."""
+
+    num_bits: int = 4
+    strategy: Literal["tensor", "channel", "group", "token", "attn_head"] | None = "group"
+    group_size: int | None = 128
+    actorder: Literal["static", "group"] | None = None
+    observer: str | None = "minmax"
+
+    @field_validator("num_bits")
+    @classmethod
+    def _bits(cls, v: int) -> int:
+        if v not in (2, 3, 4, 8):
+            raise ValueError(f"num_bits must be one of 2, 3, 4, 8 (the packed formats), got {v}")
+        return v
+
     @model_validator(mode="after")
     def _strategy(self) -> QuantizationArgs:
         if self.dynamic:
             raise ValueError("dynamic=True is for activations; weights are quantized statically")
+        self._check_type("weights")
+        if self.observer not in ("minmax", "mse"):
+            raise ValueError(f"weights: observer {self.observer!r}: weights are observed once, "
+                             "with 'minmax' or 'mse'")
+        if self.type == "float":
+            if self.strategy not in ("tensor", "channel"):
+                raise ValueError(f"FP8 weights: strategy must be 'tensor' or 'channel', got "
+                                 f"{self.strategy!r}")
+            if self.actorder is not None:
+                raise ValueError("FP8 weights: actorder is for GPTQ's integer grids")
+            return self
+        if self.strategy not in ("channel", "group"):
+            raise ValueError(f"integer weights: strategy must be 'channel' or 'group', got "
+                             f"{self.strategy!r}")
         if self.strategy == "group" and (self.group_size is None or self.group_size == -1):
             raise ValueError(
                 "strategy='group' needs a positive group_size; use strategy='channel' for one "
@@ -88,17 +167,65 @@ class QuantizationArgs(BaseModel):
         return self
 
 
+class ActivationArgs(_Args):
+    """Arguments for ``input_activations``, ``output_activations`` and ``kv_cache_scheme``.
+
+    ``dynamic: true`` (or ``"local"``, the same here: no global scale) computes scales from each
+    tensor as it flows - per ``token`` (row), per ``tensor`` or per ``group`` - and needs no
+    observer. ``dynamic: false`` calibrates one static scale per tensor (``strategy: tensor``;
+    per KV head, ``attn_head``, for the KV cache) with an observer: ``minmax`` is
+    llm-compressor's moving average of each batch's range (``averaging_constant``, default
+    0.01; ``moving_average_minmax`` is the same), ``static_minmax`` the absolute range over all
+    batches, ``mse`` a shrink-grid search of the range. The default strategy is ``group`` when
+    a ``group_size`` is given, else ``tensor``."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ActivationArgs:
+        self._check_type("activations")
+        if self.type == "int" and not 2 <= self.num_bits <= 8:
+            raise ValueError(f"activations: int num_bits must be 2..8, got {self.num_bits}")
+        if self.strategy is None:
+            self.strategy = "group" if self.group_size not in (None, -1) else "tensor"
+        if self.strategy == "group" and self.group_size in (None, -1):
+            raise ValueError(f"{self.type} activations with strategy 'group' need a positive "
+                             "group_size")
+        if self.strategy != "group" and self.group_size not in (None, -1):
+            raise ValueError(f"group_size={self.group_size} is only for strategy 'group', "
+                             f"not {self.strategy!r}")
+        if self.dynamic:
+            if self.observer is not None:
+                raise ValueError(f"dynamic={self.dynamic!r} computes scales at run time: "
+                                 f"remove observer {self.observer!r}")
+            if self.strategy not in ("token", "tensor", "group"):
+                raise ValueError("dynamic activation scales are per 'token', 'tensor' or "
+                                 f"'group', not {self.strategy!r}")
+        elif self.strategy not in ("tensor", "attn_head"):
+            hint = " (set dynamic: true)" if self.strategy in ("token", "group") else ""
+            raise ValueError(f"static activation scales are per 'tensor' (or 'attn_head' for the "
+                             f"KV cache), not {self.strategy!r}{hint}")
+        return self
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether scales come from calibration (static) rather than each forward."""
+        return not self.dynamic
+
+    @property
+    def observer_name(self) -> str:
+        """The observer a static scheme uses (llm-compressor's default: ``minmax``)."""
+        return self.observer or "minmax"
+
+
 class QuantizationScheme(BaseModel):
-    """One config group: which modules it applies to and how their weights are quantized.
-    Only weight-only schemes exist for now (``input_activations``/``output_activations`` must be
-    null)."""
+    """One config group: which modules it applies to, how their weights are quantized, and
+    (optionally) their input and output activations."""
 
     model_config = ConfigDict(extra="forbid")
 
     targets: list[str]
     weights: QuantizationArgs
-    input_activations: None = None
-    output_activations: None = None
+    input_activations: ActivationArgs | None = None
+    output_activations: ActivationArgs | None = None
 
     @field_validator("targets", mode="before")
     @classmethod
@@ -114,28 +241,65 @@ class QuantizationScheme(BaseModel):
             _check_pattern(t)
         return v
 
+    @model_validator(mode="after")
+    def _no_heads(self) -> QuantizationScheme:
+        for kind in ("input_activations", "output_activations"):
+            a = getattr(self, kind)
+            if a is not None and a.strategy == "attn_head":
+                raise ValueError(f"{kind}: strategy 'attn_head' is for kv_cache_scheme only")
+        return self
+
 
 def _w(bits: int, symmetric: bool = True) -> QuantizationArgs:
     return QuantizationArgs(num_bits=bits, symmetric=symmetric, strategy="group", group_size=128)
 
 
-# Integer weight-only presets, group 128 (overridable with GPTQ.group_size). Note: compressed-
-# tensors' own W8A16 is per-channel; ferroquant keeps group 128 for every preset (issue 3).
-PRESET_SCHEMES: dict[str, QuantizationArgs] = {
-    "W4A16": _w(4),
-    "W4A16_ASYM": _w(4, symmetric=False),
-    "W8A16": _w(8),
-    "W3A16": _w(3),
-    "W2A16": _w(2),
+_INT8_CHANNEL = QuantizationArgs(num_bits=8, strategy="channel", group_size=None)
+_INT8_TOKEN = ActivationArgs(num_bits=8, strategy="token", dynamic=True)
+_FP8_TOKEN = ActivationArgs(type="float", strategy="token", dynamic=True)
+
+# Presets: weights (and input activations), compressed-tensors' where it has the name. Integer
+# weight-only presets use group 128 (overridable with GPTQ.group_size); compressed-tensors' own
+# W8A16 is per-channel, ferroquant keeps group 128 for every weight-only preset.
+PRESET_SCHEMES: dict[str, dict[str, Any]] = {
+    "W4A16": {"weights": _w(4)},
+    "W4A16_ASYM": {"weights": _w(4, symmetric=False)},
+    "W8A16": {"weights": _w(8)},
+    "W3A16": {"weights": _w(3)},
+    "W2A16": {"weights": _w(2)},
+    # int8 per-channel weights, int8 activations per token computed at run time
+    "W8A8": {"weights": _INT8_CHANNEL, "input_activations": _INT8_TOKEN},
+    # int8 per-channel weights, one calibrated int8 activation scale per layer
+    "W8A8_STATIC": {"weights": _INT8_CHANNEL,
+                    "input_activations": ActivationArgs(num_bits=8, strategy="tensor",
+                                                        observer="static_minmax")},
+    # FP8 weights per tensor, one calibrated FP8 activation scale per layer
+    "FP8": {"weights": QuantizationArgs(num_bits=8, type="float", strategy="tensor",
+                                        group_size=None),
+            "input_activations": ActivationArgs(type="float", strategy="tensor",
+                                                observer="static_minmax")},
+    # FP8 weights per channel, FP8 activations per token computed at run time
+    "FP8_DYNAMIC": {"weights": QuantizationArgs(num_bits=8, type="float", strategy="channel",
+                                                group_size=None),
+                    "input_activations": _FP8_TOKEN},
+    # int4 group-128 weights (GPTQ), int8 activations per token computed at run time
+    "W4A8": {"weights": _w(4), "input_activations": _INT8_TOKEN},
+    "W4AFP8": {"weights": _w(4), "input_activations": _FP8_TOKEN},
 }
+
+
+def preset(name: str, targets: list[str]) -> QuantizationScheme:
+    """A preset applied to ``targets`` (case-insensitive name); a fresh copy each call."""
+    key = name.upper()
+    if key not in PRESET_SCHEMES:
+        raise ValueError(f"unknown scheme {name!r}; presets are {', '.join(PRESET_SCHEMES)}")
+    return QuantizationScheme(targets=list(targets), **{
+        k: v.model_copy(deep=True) for k, v in PRESET_SCHEMES[key].items()})
 
 
 def preset_scheme(name: str) -> QuantizationArgs:
     """A copy of a preset's weight arguments (case-insensitive name)."""
-    key = name.upper()
-    if key not in PRESET_SCHEMES:
-        raise ValueError(f"unknown scheme {name!r}; presets are {', '.join(PRESET_SCHEMES)}")
-    return PRESET_SCHEMES[key].model_copy(deep=True)
+    return preset(name, ["Linear"]).weights
 
 
 def _check_pattern(t: str) -> None:
@@ -175,10 +339,17 @@ class GPTQ(BaseModel):
     """A GPTQ recipe.
 
     Args:
-        scheme: a preset name (``W4A16``, ``W4A16_ASYM``, ``W8A16``, ``W3A16``, ``W2A16``) applied
-            to ``targets``. Mutually exclusive with ``config_groups``; when both are absent the
-            scheme is ``W4A16``.
-        config_groups: ``{name: {targets, weights: QuantizationArgs}}`` for per-module schemes.
+        scheme: a preset name applied to ``targets``: weight-only ``W4A16``, ``W4A16_ASYM``,
+            ``W8A16``, ``W3A16``, ``W2A16``; with activations ``W8A8`` (int8 per-channel
+            weights, dynamic per-token int8 activations), ``W8A8_STATIC`` (static per-tensor
+            activation scales), ``FP8`` (FP8 weights and static per-tensor activations),
+            ``FP8_DYNAMIC`` (per-channel FP8 weights, dynamic per-token activations), ``W4A8``
+            and ``W4AFP8`` (int4 group-128 weights, dynamic per-token int8 / FP8 activations).
+            Or a dict ``{preset: targets}`` (``{"W8A8": ["re:.*self_attn.*"], "W4A16":
+            ["re:.*mlp.*"]}``), one config group per preset. Mutually exclusive with
+            ``config_groups``; when both are absent the scheme is ``W4A16``.
+        config_groups: ``{name: {targets, weights, input_activations, output_activations}}``
+            for per-module schemes (:class:`QuantizationArgs`, :class:`ActivationArgs`).
         targets: what ``scheme`` applies to (default every ``Linear`` in the decoder blocks).
         ignore: modules never quantized, whichever group matches them (default ``lm_head``).
         group_size: overrides every group's size (``-1`` = per output channel).
@@ -205,7 +376,11 @@ class GPTQ(BaseModel):
             halves the block forwards and their memory on CPUs with native bf16 arithmetic
             (AVX512-BF16, AMX) and on GPUs, at bf16 activation precision - what calibrating a
             bf16 checkpoint sees anyway.
-        kv_cache_scheme: must be null - KV-cache quantization is not implemented yet.
+        kv_cache_scheme: quantizes what the attention caches - its keys and values after the
+            rotary embedding, at the cache's update - with calibrated static scales per tensor
+            (``strategy: tensor``) or per KV head (``attn_head``), written as compressed-tensors'
+            ``k_scale``/``v_scale`` (:class:`ActivationArgs`; e.g. ``{num_bits: 8, type: float,
+            strategy: tensor}`` for an FP8 cache).
         sequential_targets: the decoder blocks, when automatic discovery fails or picks the wrong
             list: a dotted path to an ``nn.ModuleList`` (``"model.layers"``) or a block class
             name (``"LlamaDecoderLayer"``); a list gives several candidates, the first found wins.
@@ -216,7 +391,7 @@ class GPTQ(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    scheme: str | None = None
+    scheme: str | dict[str, list[str]] | None = None
     config_groups: dict[str, QuantizationScheme] | None = None
     targets: list[str] = Field(default_factory=lambda: ["Linear"])
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
@@ -228,7 +403,7 @@ class GPTQ(BaseModel):
     observer: Literal["minmax", "mse"] | None = None
     offload_hessians: bool = False
     forward_dtype: Literal["bfloat16", "float16", "float32"] | None = None
-    kv_cache_scheme: dict[str, Any] | None = None
+    kv_cache_scheme: ActivationArgs | None = None
     sequential_targets: list[str] | None = None
     unreached_policy: Literal["rtn", "error"] = "rtn"
 
@@ -249,10 +424,14 @@ class GPTQ(BaseModel):
         return {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
                 "float": "float32"}.get(s, s)
 
-    @field_validator("scheme")
+    @field_validator("scheme", mode="before")
     @classmethod
-    def _scheme(cls, v: str | None) -> str | None:
-        return None if v is None else v.upper()
+    def _scheme(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return v.upper()
+        if isinstance(v, dict):  # {preset: targets}
+            return {str(k).upper(): [t] if isinstance(t, str) else t for k, t in v.items()}
+        return v
 
     @field_validator("targets", "ignore")
     @classmethod
@@ -275,8 +454,16 @@ class GPTQ(BaseModel):
     def _check(self) -> GPTQ:
         if self.scheme is not None and self.config_groups is not None:
             raise ValueError("give either scheme or config_groups, not both")
-        if self.scheme is not None:
-            preset_scheme(self.scheme)  # validates the name
+        if isinstance(self.scheme, dict):
+            if not self.scheme:
+                raise ValueError("scheme is an empty dict; give {preset: targets}")
+            if "targets" in self.model_fields_set:
+                raise ValueError("scheme as a dict {preset: targets} carries its own targets; "
+                                 "drop targets")
+            for name, ts in self.scheme.items():
+                preset(name, ts)  # validates the name and the targets
+        elif self.scheme is not None:
+            preset(self.scheme, self.targets)  # validates the name
         if self.config_groups is not None and not self.config_groups:
             raise ValueError("config_groups is empty")
         if "targets" in self.model_fields_set and self.config_groups is not None:
@@ -290,11 +477,14 @@ class GPTQ(BaseModel):
             raise ValueError(f"block_size must be positive, got {self.block_size}")
         if not 0.0 < self.dampening_frac <= 1.0:
             raise ValueError(f"dampening_frac must be in (0, 1], got {self.dampening_frac}")
-        if self.kv_cache_scheme is not None:
-            raise NotImplementedError(
-                "kv_cache_scheme is not supported yet (ferroquant quantizes weights only); "
-                "remove it from the recipe"
-            )
+        kv = self.kv_cache_scheme
+        if kv is not None:
+            if kv.dynamic:
+                raise ValueError("kv_cache_scheme: the KV cache takes calibrated static scales "
+                                 "(k_scale/v_scale, what vLLM reads); set dynamic: false")
+            if not kv.symmetric:
+                raise ValueError("kv_cache_scheme: only symmetric KV-cache quantization is "
+                                 "supported (vLLM has no KV zero points)")
         self.resolved_groups()  # surfaces actorder conflicts at construction time
         return self
 
@@ -306,16 +496,21 @@ class GPTQ(BaseModel):
         """The config groups with recipe-level overrides (group_size, actorder, observer) applied."""
         if self.config_groups is not None:
             groups = {k: g.model_copy(deep=True) for k, g in self.config_groups.items()}
+        elif isinstance(self.scheme, dict):
+            groups = {f"group_{i}": preset(name, ts)
+                      for i, (name, ts) in enumerate(self.scheme.items())}
         else:
-            name = (self.scheme or "W4A16").upper()
-            groups = {
-                "group_0": QuantizationScheme(targets=list(self.targets),
-                                              weights=preset_scheme(name))
-            }
+            groups = {"group_0": preset(self.scheme or "W4A16", self.targets)}
         out: dict[str, QuantizationScheme] = {}
         for key, g in groups.items():
             w = g.weights
             upd: dict[str, Any] = {}
+            if w.type == "float":  # FP8 weights: round-to-nearest per tensor/channel
+                if self.group_size is not None:
+                    raise ValueError(f"config group {key!r} has FP8 weights; the recipe's "
+                                     f"group_size={self.group_size} applies to integer weights")
+                out[key] = g
+                continue
             if self.group_size is not None:
                 if self.group_size == -1:
                     upd.update(strategy="channel", group_size=None)
@@ -332,26 +527,32 @@ class GPTQ(BaseModel):
             if self.observer is not None:
                 upd["observer"] = self.observer
             merged = {**w.model_dump(), **upd}
-            out[key] = QuantizationScheme(targets=g.targets,
-                                          weights=QuantizationArgs.model_validate(merged))
+            out[key] = g.model_copy(update={"weights": QuantizationArgs.model_validate(merged)})
         return out
 
     def args_for(self, name: str, module: Any, *, in_block: bool = True,
                  groups: dict[str, QuantizationScheme] | None = None
                  ) -> QuantizationArgs | None:
-        """The weight arguments for module ``name``, or None if it is not to be quantized.
+        """The weight arguments for module ``name``, or None (see :meth:`scheme_for`)."""
+        s = self.scheme_for(name, module, in_block=in_block, groups=groups)
+        return None if s is None else s.weights
+
+    def scheme_for(self, name: str, module: Any, *, in_block: bool = True,
+                   groups: dict[str, QuantizationScheme] | None = None
+                   ) -> QuantizationScheme | None:
+        """The scheme for module ``name``, or None if it is not to be quantized.
         ``in_block=False`` (a module outside the decoder blocks) only matches by full name or
         regex, never by class name."""
         if any(match_target(name, module, t) for t in self.ignore):
             return None
         groups = self.resolved_groups() if groups is None else groups
-        best: tuple[int, str, QuantizationArgs] | None = None
+        best: tuple[int, str, QuantizationScheme] | None = None
         for key, g in groups.items():
             spec = max((match_specificity(name, module, t) for t in g.targets), default=0)
             if spec == 0 or (not in_block and spec < 2):
                 continue
             if best is None or spec > best[0]:
-                best = (spec, key, g.weights)
+                best = (spec, key, g)
             elif spec == best[0]:
                 raise ValueError(
                     f"module {name!r} is matched by config groups {best[1]!r} and {key!r} "
@@ -372,6 +573,8 @@ class GPTQ(BaseModel):
         if self.config_groups is not None:
             d["config_groups"] = {k: g.model_dump(mode="json", exclude_unset=True)
                                   for k, g in self.config_groups.items()}
+            del d["targets"]
+        elif isinstance(self.scheme, dict):
             del d["targets"]
         if "actorder" not in self.model_fields_set:
             del d["actorder"]
