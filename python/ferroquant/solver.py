@@ -354,6 +354,7 @@ _ST_DTYPES: dict[torch.dtype, tuple[str, torch.dtype | None]] = {
     torch.int64: ("I64", None),
     torch.int8: ("I8", None),
     torch.uint8: ("U8", None),
+    torch.float8_e4m3fn: ("F8_E4M3", torch.uint8),  # no numpy fp8: pass the bytes
 }
 
 

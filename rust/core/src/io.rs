@@ -28,13 +28,15 @@ pub enum DType {
     F16,
     BF16,
     F32,
+    /// FP8 E4M3 (``float8_e4m3fn``): compressed-tensors' FP8 weights.
+    F8E4M3,
 }
 
 impl DType {
     /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
-            DType::I8 | DType::U8 => 1,
+            DType::I8 | DType::U8 | DType::F8E4M3 => 1,
             DType::F16 | DType::BF16 => 2,
             DType::I32 | DType::F32 => 4,
             DType::I64 => 8,
@@ -50,6 +52,7 @@ impl DType {
             DType::F16 => Dtype::F16,
             DType::BF16 => Dtype::BF16,
             DType::F32 => Dtype::F32,
+            DType::F8E4M3 => Dtype::F8_E4M3,
         }
     }
 }

@@ -1021,9 +1021,10 @@ fn dtype_arg(name: &str, s: &str) -> PyResult<(DType, usize)> {
         "F16" => (DType::F16, 2),
         "BF16" => (DType::BF16, 2),
         "F32" => (DType::F32, 4),
+        "F8_E4M3" => (DType::F8E4M3, 1),
         other => {
             return Err(value_err(format!(
-                "tensor '{name}': unknown safetensors dtype '{other}'; use one of I32, I64, I8, U8, F16, BF16, F32"
+                "tensor '{name}': unknown safetensors dtype '{other}'; use one of I32, I64, I8, U8, F16, BF16, F32, F8_E4M3"
             )))
         }
     })
