@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .config import GPTQ, PRESET_SCHEMES, QuantizationArgs, QuantizationScheme
     from .formats import CheckpointError, convert, load, save
     from .modifiers import GPTQModifier, QuantizationModifier, UnreachedLayerError
-    from .nn import QuantLinear
+    from .nn import Float8Linear, QuantLinear
     from .report import LayerReport, QuantizationReport
 
 # Imported on first use, so that `import ferroquant.cli` (and `ferroquant inspect`) does not pay
@@ -39,6 +39,7 @@ _LAZY = {
     "convert": (".formats", "convert"),
     "load": (".formats", "load"),
     "save": (".formats", "save"),
+    "Float8Linear": (".nn", "Float8Linear"),
     "QuantLinear": (".nn", "QuantLinear"),
     "LayerReport": (".report", "LayerReport"),
     "NonFiniteActivationError": (".calls", "NonFiniteActivationError"),
@@ -70,6 +71,7 @@ __all__ = [
     "PRESET_SCHEMES",
     "BlockDiscoveryError",
     "CheckpointError",
+    "Float8Linear",
     "GPTQModifier",
     "LayerReport",
     "NonFiniteActivationError",

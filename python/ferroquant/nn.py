@@ -1,13 +1,15 @@
-"""``QuantLinear``: inference on packed integer codes (CPU and CUDA).
+"""Quantized Linear layers for inference (CPU and CUDA): :class:`QuantLinear` on packed integer
+codes and :class:`Float8Linear` on FP8 E4M3 codes.
 
-The layer keeps the codes packed in int32 words (``bits`` per code), with the scales, zero
+``QuantLinear`` keeps the codes packed in int32 words (``bits`` per code), with the scales, zero
 points and ``g_idx``: a 4-bit layer holds about a quarter of an fp16 weight's memory. Each
 forward dequantizes the weight (``scale[g] * (code - zero[g])`` in float32, then cast: the
 rule of :func:`ferroquant.quantized.dequantize`, so results equal the in-memory quantized
 model's) a chunk of output rows at a time, which bounds the temporaries to one chunk beside the
 layer's weight in the compute dtype, then runs a single ``F.linear``. ``cache_dequantized=True``
 keeps that weight between calls instead (the speed of ``nn.Linear``, the memory of the float
-weight on top of the codes).
+weight on top of the codes). ``Float8Linear`` does the same with one byte per weight and one
+scale per tensor or per output channel.
 """
 
 from __future__ import annotations
@@ -21,8 +23,6 @@ from torch import nn
 from . import solver
 from .config import QuantizationArgs
 from .quantized import QuantizedWeight, dequantize, group_width
-
-_QUANT_BUFFERS = ("packed", "scales", "zeros", "g_idx")
 
 # Elements dequantized per chunk of output rows: bounds the int and float32 temporaries of a
 # forward to a few tens of MB whatever the layer's size.
@@ -68,7 +68,67 @@ class _Unpacker:
         return lo.bitwise_or_(hi << 32).bitwise_right_shift_(self.off).bitwise_and_(self.mask)
 
 
-class QuantLinear(nn.Module):
+class QuantizedLinear(nn.Module):
+    """What both quantized Linear kinds share: the forward on the dequantized weight, the
+    opt-in cache of it, and moves that keep the codes and float32 scales in their dtypes."""
+
+    _QUANT_BUFFERS: tuple[str, ...] = ()
+
+    def __init__(self, out_f: int, in_f: int, args: QuantizationArgs, bias: torch.Tensor | None,
+                 dtype: torch.dtype, cache_dequantized: bool) -> None:
+        super().__init__()
+        self.in_features = int(in_f)
+        self.out_features = int(out_f)
+        self.args = args
+        self.compute_dtype = dtype
+        self.cache_dequantized = cache_dequantized
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().to(dtype).clone(), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self._weight: torch.Tensor | None = None
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def weight_for_forward(self) -> torch.Tensor:
+        if self._weight is not None:
+            return self._weight
+        w = self.dequantize()
+        if self.cache_dequantized:
+            self._weight = w
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight_for_forward(), self.bias)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantizedLinear:  # type: ignore[override]
+        # .to()/.cuda()/.half(): the codes and float32 scales only change device; the compute
+        # dtype follows what fn does to a float tensor; the cached weight is dropped.
+        device = self._buffers[self._QUANT_BUFFERS[0]].device
+        dev_probe = fn(torch.empty(0, dtype=self.compute_dtype, device=device))
+        saved = {n: self._buffers.pop(n) for n in self._QUANT_BUFFERS}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for n, t in saved.items():
+                self._buffers[n] = t.to(dev_probe.device)
+        if dev_probe.dtype.is_floating_point:
+            self.compute_dtype = dev_probe.dtype
+        self._weight = None
+        return self
+
+    def extra_repr(self) -> str:
+        a = self.args
+        kind = (f"fp8 per-{a.strategy}" if a.type == "float" else
+                f"bits={a.num_bits}, group_size={a.effective_group_size}, sym={a.symmetric}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"{kind}, dtype={self.compute_dtype}, cache_dequantized={self.cache_dequantized}"
+        )
+
+
+class QuantLinear(QuantizedLinear):
     """A Linear layer whose weight is ``scales[:, g_idx] * (codes - zeros[:, g_idx])``.
 
     Buffers: ``packed`` int32 ``[out, ceil(in*bits/32)]`` (:func:`pack_codes`), ``scales``
@@ -76,6 +136,8 @@ class QuantLinear(nn.Module):
     ``bias`` ``[out]`` in the compute dtype or None. ``codes`` unpacks on demand.
     ``cache_dequantized=True`` keeps the dequantized weight after the first forward.
     """
+
+    _QUANT_BUFFERS = ("packed", "scales", "zeros", "g_idx")
 
     def __init__(
         self,
@@ -89,7 +151,6 @@ class QuantLinear(nn.Module):
         dtype: torch.dtype = torch.float32,
         cache_dequantized: bool = False,
     ) -> None:
-        super().__init__()
         out_f, in_f = codes.shape
         ng = scales.shape[1]
         if scales.shape != (out_f, ng) or zeros.shape != (out_f, ng) or g_idx.shape != (in_f,):
@@ -100,23 +161,14 @@ class QuantLinear(nn.Module):
         bits = int(args.num_bits)
         if codes.numel() and int(codes.max()) >> bits:
             raise ValueError(f"QuantLinear: codes exceed {(1 << bits) - 1} for {bits} bits")
-        self.in_features = int(in_f)
-        self.out_features = int(out_f)
-        self.args = args
+        super().__init__(out_f, in_f, args, bias, dtype, cache_dequantized)
         self.bits = bits
-        self.compute_dtype = dtype
-        self.cache_dequantized = cache_dequantized
         self.register_buffer("packed", pack_codes(codes, bits).contiguous(), persistent=False)
         self.register_buffer("scales", scales.to(torch.float32).contiguous(), persistent=False)
         self.register_buffer("zeros", zeros.to(torch.int32).contiguous(), persistent=False)
         self.register_buffer("g_idx", g_idx.to(torch.int32).contiguous(), persistent=False)
-        if bias is not None:
-            self.bias = nn.Parameter(bias.detach().to(dtype).clone(), requires_grad=False)
-        else:
-            self.register_parameter("bias", None)
         self._group_width = group_width(self.g_idx, ng)
         self._unpacker: _Unpacker | None = None
-        self._weight: torch.Tensor | None = None
 
     @classmethod
     def from_quantized(
@@ -156,36 +208,49 @@ class QuantLinear(nn.Module):
                        self.g_idx, dtype, width=self._group_width, out=out[r0:r1])
         return out
 
-    def weight_for_forward(self) -> torch.Tensor:
-        if self._weight is not None:
-            return self._weight
-        w = self.dequantize()
-        if self.cache_dequantized:
-            self._weight = w
-        return w
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight_for_forward(), self.bias)
+class Float8Linear(QuantizedLinear):
+    """A Linear layer whose weight is ``scales * codes`` with FP8 E4M3 ``codes`` ``[out, in]``
+    and float32 ``scales`` ``[out, 1]`` (per channel) or ``[1, 1]`` (per tensor); parameter
+    ``bias`` as :class:`QuantLinear`'s."""
 
-    def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:  # type: ignore[override]
-        # .to()/.cuda()/.half(): the integer words and float32 scales only change device; the
-        # compute dtype follows what fn does to a float tensor; the cached weight is dropped.
-        dev_probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self.packed.device))
-        saved = {n: self._buffers.pop(n) for n in _QUANT_BUFFERS}
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            for n, t in saved.items():
-                self._buffers[n] = t.to(dev_probe.device)
-        if dev_probe.dtype.is_floating_point:
-            self.compute_dtype = dev_probe.dtype
-        self._weight = None
-        return self
+    _QUANT_BUFFERS = ("codes", "scales")
 
-    def extra_repr(self) -> str:
-        a = self.args
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"bits={a.num_bits}, group_size={a.effective_group_size}, sym={a.symmetric}, "
-            f"dtype={self.compute_dtype}, cache_dequantized={self.cache_dequantized}"
-        )
+    def __init__(
+        self,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        args: QuantizationArgs,
+        bias: torch.Tensor | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        cache_dequantized: bool = False,
+    ) -> None:
+        out_f, in_f = codes.shape
+        if codes.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"Float8Linear: codes must be float8_e4m3fn, got {codes.dtype}")
+        if scales.dim() != 2 or scales.shape[1] != 1 or scales.shape[0] not in (1, out_f):
+            raise ValueError(f"Float8Linear: scales {list(scales.shape)} must be [{out_f}, 1] "
+                             "(per channel) or [1, 1] (per tensor)")
+        super().__init__(out_f, in_f, args, bias, dtype, cache_dequantized)
+        self.register_buffer("codes", codes.contiguous(), persistent=False)
+        self.register_buffer("scales", scales.to(torch.float32).contiguous(), persistent=False)
+
+    @classmethod
+    def from_quantized(
+        cls, q: QuantizedWeight, bias: torch.Tensor | None = None, *,
+        dtype: torch.dtype = torch.float32, cache_dequantized: bool = False,
+    ) -> Float8Linear:
+        return cls(q.codes, q.scales, q.args, bias, dtype=dtype, cache_dequantized=cache_dequantized)
+
+    @property
+    def fq_quant(self) -> QuantizedWeight:
+        """The codes as a ``QuantizedWeight`` (zero points 0, one group), so a loaded model can
+        be saved again."""
+        zeros = torch.zeros(self.scales.shape, dtype=torch.int32, device=self.codes.device)
+        g_idx = torch.zeros(self.in_features, dtype=torch.int32, device=self.codes.device)
+        return QuantizedWeight(self.codes, self.scales, zeros, g_idx, self.args)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight ``[out, in]`` in ``dtype`` (default: the compute dtype)."""
+        return self.fq_quant.dequantize(dtype or self.compute_dtype)
