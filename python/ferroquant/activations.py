@@ -253,9 +253,14 @@ class _CacheProxy:
         return getattr(cache, name)
 
 
+# the attention's cache argument: transformers >= 5.24 calls it ``cache`` (``past_key_values``
+# deprecated), older versions ``past_key_values`` or ``past_key_value``
+CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
+
+
 def _cache_kwarg(module: nn.Module) -> str:
     params = inspect.signature(module.forward).parameters
-    return "past_key_values" if "past_key_values" in params else "past_key_value"
+    return next((k for k in CACHE_KWARGS if k in params), "past_key_value")
 
 
 def kv_hook(get: Callable[[nn.Module], KVCacheQuantizer | None]
@@ -276,7 +281,8 @@ def kv_hook(get: Callable[[nn.Module], KVCacheQuantizer | None]
 
 def attention_modules(root: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
     """The attention modules whose keys and values are cached: modules with both a ``k_proj``
-    and a ``v_proj`` child and a ``past_key_values`` (or ``past_key_value``) argument."""
+    and a ``v_proj`` child and a cache argument (``cache``, ``past_key_values`` or
+    ``past_key_value``)."""
     out = []
     for name, m in root.named_modules(prefix=prefix):
         if isinstance(getattr(m, "k_proj", None), nn.Module) and isinstance(
@@ -285,7 +291,7 @@ def attention_modules(root: nn.Module, prefix: str = "") -> list[tuple[str, nn.M
                 params = inspect.signature(m.forward).parameters
             except (TypeError, ValueError):
                 continue
-            if "past_key_values" in params or "past_key_value" in params:
+            if any(k in params for k in CACHE_KWARGS):
                 out.append((name, m))
     return out
 
