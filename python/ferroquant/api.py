@@ -55,7 +55,7 @@ def _checkpoint_plan(model: nn.Module, recipe: GPTQ, format: str | None,
     fmt = feasibility.canonical_format(format)
     ckpt, note = feasibility.resolve_checkpoint_format(
         fmt, checkpoint_format, any(not la.args.symmetric for la in layers), hint=hint)
-    feasibility.check_feasible(layers, fmt, ckpt, hint=hint)
+    feasibility.check_feasible(layers, fmt, ckpt, hint=hint, recipe=recipe)
     return {"format": fmt, "checkpoint_format": ckpt,
             "scale_dtype": feasibility.scale_dtype_for(fmt, ckpt, feasibility.model_dtype(model))}, note
 

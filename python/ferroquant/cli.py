@@ -274,7 +274,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     ckpt_format, note = resolve_checkpoint_format(
         args.format, args.checkpoint_format, any(not la.args.symmetric for la in layers),
         hint="cli")
-    check_feasible(layers, args.format, ckpt_format, hint="cli")
+    check_feasible(layers, args.format, ckpt_format, hint="cli", recipe=recipe)
     if note:
         print(f"note: {note}")
     seq_len = _pick_seq_len(args.seq_len, model)

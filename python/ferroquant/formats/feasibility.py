@@ -1,6 +1,8 @@
 """What a checkpoint format can hold, decided before any calibration: the format and GPTQ
-version names, the dtype scales are stored in, the layers a recipe will quantize, and whether
-every one of them fits the chosen layout (all offenders reported at once, with ways out)."""
+version names, the dtype scales are stored in, the layers a recipe will quantize, whether
+every one of them fits the chosen layout (all offenders reported at once, with ways out), and
+what besides integer weights a recipe or model quantizes (FP8 weights, activations, the KV
+cache), which only compressed-tensors holds."""
 
 from __future__ import annotations
 
@@ -20,7 +22,10 @@ __all__ = [
     "canonical_checkpoint_format",
     "canonical_format",
     "check_feasible",
+    "check_gptq_holds",
     "format_of",
+    "layer_extras",
+    "recipe_extras",
     "resolve_checkpoint_format",
     "scale_dtype_for",
 ]
@@ -126,8 +131,13 @@ class TargetLayer(NamedTuple):
     is_conv1d: bool
 
 
+FP8_IN_GPTQ = "FP8 weights: GPTQ stores integer codes only"
+
+
 def _problem(fmt: str, version: int, layer: TargetLayer) -> str | None:
     if fmt == "gptq":
+        if layer.args.type == "float":
+            return FP8_IN_GPTQ
         p = gptq.layout_problem(layer.out_features, layer.in_features, int(layer.args.num_bits))
         if p is None and version == 1 and not layer.args.symmetric:
             p = gptq.V1_ASYMMETRIC
@@ -147,16 +157,65 @@ def _fitting_group_size(layers: list[TargetLayer]) -> int | None:
     return best
 
 
+def recipe_extras(recipe: Any) -> list[str]:
+    """What ``recipe`` quantizes besides integer weights, one line per config group with FP8
+    weights or quantized activations, and one for a ``kv_cache_scheme``."""
+    lines = []
+    for key, g in recipe.resolved_groups().items():
+        parts = [f"weights {g.weights.describe()}"] if g.weights.type == "float" else []
+        parts += [f"{kind} {a.describe()}" for kind in ("input_activations", "output_activations")
+                  if (a := getattr(g, kind)) is not None]
+        if parts:
+            lines.append(f"config group {key!r} (targets {g.targets}): {', '.join(parts)}")
+    if recipe.kv_cache_scheme is not None:
+        lines.append(f"kv_cache_scheme: {recipe.kv_cache_scheme.describe()}")
+    return lines
+
+
+def layer_extras(layers: dict[str, Any], kv_cache: Any) -> list[str]:
+    """The same for quantized layers (``LayerCodes`` with their activation quantizers) and a
+    KV-cache scheme (``ActivationArgs`` or None): one line per distinct combination."""
+    by: dict[str, list[str]] = {}
+    for name, la in layers.items():
+        parts = [f"weights {la.args.describe()}"] if la.args.type == "float" else []
+        parts += [f"{kind} {q.args.describe()}" for kind, q in
+                  (("input_activations", la.input_act), ("output_activations", la.output_act))
+                  if q is not None]
+        if parts:
+            by.setdefault(", ".join(parts), []).append(name)
+    lines = [(f"{names[0]} and {len(names) - 1} more layer(s)" if len(names) > 2
+              else ", ".join(names)) + f": {what}" for what, names in by.items()]
+    if kv_cache is not None:
+        lines.append(f"kv_cache_scheme: {kv_cache.describe()}")
+    return lines
+
+
+def check_gptq_holds(extras: list[str], *, hint: Hint, what: str = "the recipe") -> None:
+    """Raise :class:`CheckpointError` when ``extras`` (:func:`recipe_extras`,
+    :func:`layer_extras`) is not empty: the GPTQ format holds integer weights only."""
+    if not extras:
+        return
+    way = "--format compressed-tensors" if hint == "cli" else "format='compressed-tensors'"
+    raise CheckpointError(
+        f"the GPTQ format holds integer weights only, but {what} also quantizes:\n"
+        + "".join(f"  {e}\n" for e in extras)
+        + f"ways out: {way} (which holds FP8 weights, activation and KV-cache scales)")
+
+
 def check_feasible(layers: list[TargetLayer] | list[tuple[Any, ...]], format: str,
                    checkpoint_format: str | None, *, hint: Hint,
-                   suggest_other_format: bool = True) -> None:
+                   suggest_other_format: bool = True, recipe: Any = None) -> None:
     """Raise :class:`CheckpointError` listing every layer the chosen format cannot hold, with
     the ways out spelled for where the user is (``hint="cli"``: flags; ``"api"``: keyword
     arguments). The other format is suggested only when it holds every offending layer (and
-    ``suggest_other_format``: not when converting from it)."""
+    ``suggest_other_format``: not when converting from it). With ``recipe`` (a
+    :class:`~ferroquant.config.GPTQ`), GPTQ first refuses what it quantizes besides integer
+    weights (:func:`recipe_extras`)."""
     fmt = canonical_format(format)
     version = 0
     if fmt == "gptq":
+        if recipe is not None:
+            check_gptq_holds(recipe_extras(recipe), hint=hint)
         version = gptq.version_of(checkpoint_format or "gptq")
     tl = [la if isinstance(la, TargetLayer) else TargetLayer(*la) for la in layers]
     bad = [(la, p) for la in tl if (p := _problem(fmt, version, la)) is not None]
@@ -183,9 +242,7 @@ def check_feasible(layers: list[TargetLayer] | list[tuple[Any, ...]], format: st
         # only the group size stands in the way there
         ways.append(f"--format {other} --group-size -1" if cli else
                     f"format={other!r} with group_size=-1 (per channel) in the recipe")
-    if fmt == "gptq" and version == 1 and all(
-            gptq.layout_problem(la.out_features, la.in_features, int(la.args.num_bits)) is None
-            for la, _ in bad):
+    if fmt == "gptq" and version == 1 and all(p == gptq.V1_ASYMMETRIC for _, p in bad):
         ways.append("--checkpoint-format v2" if cli else "checkpoint_format='gptq_v2'")
     if fmt == "compressed-tensors" and all(p.startswith("in_features=") for _, p in bad):
         gs = _fitting_group_size([la for la, _ in bad])
