@@ -1,17 +1,21 @@
-"""Checkpoint writers and readers: GPTQ (v1, v2) and compressed-tensors ``pack-quantized``.
+"""Checkpoint writers and readers: GPTQ (v1, v2) and compressed-tensors (``pack-quantized``,
+``int-quantized``, ``float-quantized``, with activation and KV-cache scales).
 
 - ``save(model, dir, format=...)`` writes every module carrying ``fq_quant`` in the chosen
-  layout, all other tensors as they are, ``config.json`` with ``quantization_config``
-  (plus ``quantize_config.json`` for GPTQ), tokenizer/generation files and ``recipe.yaml``;
+  layout (with its activation quantizers' scales, and the attention modules' KV-cache scales),
+  all other tensors as they are, ``config.json`` with ``quantization_config`` (plus
+  ``quantize_config.json`` for GPTQ), tokenizer/generation files and ``recipe.yaml``;
   atomically (a temporary sibling directory renamed into place).
 - ``load(dir)`` rebuilds the model from its config on the meta device, swaps quantized layers
-  for :class:`~ferroquant.nn.QuantLinear` and loads the tensors (sharded or not).
-- ``convert(src, dst, format=...)`` re-lays the integer codes without re-quantizing.
+  for :class:`~ferroquant.nn.QuantLinear` / :class:`~ferroquant.nn.Float8Linear`, attaches
+  the activation and KV-cache quantizers and loads the tensors (sharded or not).
+- ``convert(src, dst, format=...)`` re-lays the codes without re-quantizing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import warnings
@@ -22,12 +26,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .. import solver
+from .. import activations, solver
 from ..config import match_target
-from ..nn import QuantLinear
+from ..nn import Float8Linear, QuantizedLinear, QuantLinear
 from ..quantized import ATTR, QuantizedWeight
 from . import compressed_tensors as ct
-from . import gptq
+from . import ct_activations, gptq
 from .common import (
     CheckpointError,
     CheckpointFiles,
@@ -38,6 +42,7 @@ from .common import (
     n_groups_for,
     parse_size,
     read_json,
+    recipe_get,
     recipe_to_yaml,
     write_json,
 )
@@ -46,12 +51,14 @@ from .feasibility import (
     canonical_checkpoint_format,
     canonical_format,
     check_feasible,
+    check_gptq_holds,
     format_of,
+    layer_extras,
     model_dtype,
     scale_dtype_for,
 )
 
-__all__ = ["CheckpointError", "QuantLinear", "convert", "detect_format", "load", "save"]
+__all__ = ["CheckpointError", "Float8Linear", "QuantLinear", "convert", "detect_format", "load", "save"]
 
 Format = Literal["gptq", "compressed-tensors"]
 _norm_format = canonical_format
@@ -67,7 +74,7 @@ def _is_conv1d(m: nn.Module) -> bool:
 
 def _linear_shape(name: str, m: nn.Module) -> tuple[int, int] | None:
     """(out, in) of a Linear-like module, None if it is not one."""
-    if isinstance(m, QuantLinear):
+    if isinstance(m, QuantizedLinear):
         return m.out_features, m.in_features
     if isinstance(m, nn.Linear):
         return m.out_features, m.in_features
@@ -82,6 +89,12 @@ def _layer_from_module(name: str, m: nn.Module, q: QuantizedWeight) -> LayerCode
     if shape is None:
         raise ValueError(f"{name}: has {ATTR} but is a {type(m).__name__}, not a Linear layer")
     out_f, in_f = shape
+    bias = getattr(m, "bias", None)
+    bias = bias.detach().cpu() if isinstance(bias, torch.Tensor) else None
+    acts = {k: m.__dict__.get(a) for k, a in (("input_act", activations.INPUT),
+                                              ("output_act", activations.OUTPUT))}
+    if q.args.type == "float":
+        return LayerCodes(*_float_codes(name, q, out_f, in_f), bias, **acts)
     b = int(q.args.num_bits)
     if not 1 <= b <= 8:
         raise ValueError(f"{name}: num_bits={b} out of range 1..8")
@@ -109,9 +122,25 @@ def _layer_from_module(name: str, m: nn.Module, q: QuantizedWeight) -> LayerCode
     scales = q.scales.detach().cpu().to(torch.float32)
     if not torch.isfinite(scales).all():
         raise ValueError(f"{name}: non-finite scales")
-    bias = getattr(m, "bias", None)
-    bias = bias.detach().cpu() if isinstance(bias, torch.Tensor) else None
-    return LayerCodes(codes.to(torch.uint8), scales, zeros, g_idx, q.args, bias)
+    return LayerCodes(codes.to(torch.uint8), scales, zeros, g_idx, q.args, bias, **acts)
+
+
+def _float_codes(name: str, q: QuantizedWeight, out_f: int, in_f: int) -> tuple[Any, ...]:
+    """(codes, scales, zeros, g_idx, args) of FP8 weights, checked: E4M3 codes ``[out, in]``,
+    float32 scales ``[out, 1]`` per channel or ``[1, 1]`` per tensor."""
+    if q.codes.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"{name}: FP8 weights need float8_e4m3fn codes, got {q.codes.dtype}")
+    if tuple(q.codes.shape) != (out_f, in_f):
+        raise ValueError(f"{name}: codes shape {list(q.codes.shape)} != layer [out, in] = {[out_f, in_f]}")
+    rows = 1 if q.args.strategy == "tensor" else out_f
+    scales = q.scales.detach().cpu().to(torch.float32).reshape(-1, 1)
+    if scales.shape[0] != rows:
+        raise ValueError(f"{name}: {q.args.strategy} FP8 weights need {rows} scale(s), got "
+                         f"{list(q.scales.shape)}")
+    if not torch.isfinite(scales).all():
+        raise ValueError(f"{name}: non-finite scales")
+    return (q.codes.detach().cpu(), scales, torch.zeros(scales.shape, dtype=torch.int32),
+            torch.zeros(in_f, dtype=torch.int32), q.args)
 
 
 def _dedupe_shared(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -186,7 +215,15 @@ def save(
 
     mdtype = model_dtype(model)
     scale_dtype = target_scale_dtype or scale_dtype_for(fmt, checkpoint_format, mdtype)
+    recipe = getattr(model, "fq_recipe", None)
+    kvs = ct_activations.model_kv(model)
+    kv_cache = ct_activations.kv_scheme(kvs)
     if fmt == "gptq":  # refuse what the layout cannot store before anything is written
+        check_gptq_holds(layer_extras(layers, kv_cache), hint="api", what="the model")
+    if kv_cache is None and recipe_get(recipe, "kv_cache_scheme") is not None:
+        raise CheckpointError("the recipe has a kv_cache_scheme but no attention module carries "
+                              "KV-cache scales (fq_kv): the model was not quantized with it")
+    if fmt == "gptq":
         for name, layer in layers.items():
             gptq.check_layer(name, layer, version)
     else:
@@ -207,6 +244,8 @@ def save(
                 yield from gptq.layer_tensors(name, layer, version).items()
             else:
                 yield from ct.layer_tensors(name, layer, scale_dtype).items()
+        for name, kv in kvs.items():
+            yield from ct_activations.kv_tensors(name, kv, scale_dtype).items()
         yield from sd.items()
 
     cfg_obj = getattr(model, "config", None)
@@ -215,13 +254,12 @@ def save(
         config["architectures"] = [type(model).__name__]
     if cfg_obj is not None and not config.get("dtype"):
         config["dtype"] = str(mdtype).removeprefix("torch.")  # as save_pretrained records it
-    recipe = getattr(model, "fq_recipe", None)
     if fmt == "gptq":
         qconf = gptq.build_config(layers, recipe=recipe, checkpoint_format=checkpoint_format, dynamic=gptq_dynamic)
         gptq.exclude_unquantized(qconf, list(layers), [n for n in linear_names if n not in layers])
     else:
         ignore = [n for n in linear_names if n not in layers]
-        qconf = ct.build_config(layers, ignore=ignore, recipe=recipe)
+        qconf = ct.build_config(layers, ignore=ignore, kv_cache=kv_cache)
     config["quantization_config"] = qconf
     if any(n.split(".")[-1] == "lm_head" for n in layers):
         config["tie_word_embeddings"] = False
@@ -342,8 +380,10 @@ def load(
     trust_remote_code: bool = False,
     cache_dequantized: bool = False,
 ) -> nn.Module:
-    """Load a GPTQ (v1/v2) or compressed-tensors pack-quantized checkpoint as a transformers
-    model whose quantized layers are :class:`QuantLinear`. Nothing in ``directory`` is written.
+    """Load a GPTQ (v1/v2) or compressed-tensors checkpoint as a transformers model whose
+    quantized layers are :class:`QuantLinear` (integer codes) or :class:`Float8Linear` (FP8),
+    with the checkpoint's activation and KV-cache quantization attached (so its forward is the
+    fake-quantized model's). Nothing in ``directory`` is written.
 
     The layers keep their codes packed (a 4-bit model holds about a quarter of the fp16
     weights' memory) and dequantize on every forward. ``cache_dequantized=True`` keeps each
@@ -355,13 +395,17 @@ def load(
     if fmt == "gptq":
         settings: Any = gptq.GPTQSettings.from_config(qc, source)
         prefixes = gptq.quantized_prefixes(files)
-        suffixes = gptq.TENSOR_SUFFIXES
-        reader = gptq.read_layer
+        reader: Any = gptq.read_layer
+
+        def layer_names(prefix: str) -> list[str]:
+            return [f"{prefix}.{s}" for s in gptq.TENSOR_SUFFIXES]
     else:
         settings = ct.CTSettings(qc, source)
         prefixes = ct.quantized_prefixes(files)
-        suffixes = ct.TENSOR_SUFFIXES + ("bias",)
-        reader = ct.read_layer
+        reader = functools.partial(ct.read_layer, device=device)
+
+        def layer_names(prefix: str) -> list[str]:
+            return ct.layer_tensor_names(files, prefix, settings)
     if not prefixes:
         raise CheckpointError(f"{d}: config says {fmt} but no quantized tensors were found")
 
@@ -372,7 +416,7 @@ def load(
         try:
             mod = model.get_submodule(prefix)
         except AttributeError:
-            info = files.info(f"{prefix}.qweight" if fmt == "gptq" else f"{prefix}.weight_packed")
+            info = files.info(f"{prefix}.qweight" if fmt == "gptq" else f"{prefix}.weight_scale")
             raise CheckpointError(
                 f"{info.file}: tensor '{info.name}' belongs to module '{prefix}', which the model "
                 f"built from config.json does not have"
@@ -381,12 +425,18 @@ def load(
         if shape is None:
             raise CheckpointError(f"{d}: quantized tensors for '{prefix}', but it is a {type(mod).__name__}")
         layer = reader(files, prefix, settings, in_features=shape[1], out_features=shape[0])
-        ql = QuantLinear(layer.codes, layer.scales, layer.zeros, layer.g_idx, layer.args,
-                         layer.bias.to(cdtype) if layer.bias is not None else None,
-                         dtype=cdtype, cache_dequantized=cache_dequantized)
+        kind = Float8Linear if layer.is_float else QuantLinear
+        ql = kind.from_quantized(layer, layer.bias.to(cdtype) if layer.bias is not None else None,
+                                 dtype=cdtype, cache_dequantized=cache_dequantized)
         parent_name, _, child = prefix.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, ql)
-        consumed.update(f"{prefix}.{s}" for s in suffixes)
+        activations.attach(ql, input=layer.input_act, output=layer.output_act)
+        consumed.update(layer_names(prefix))
+    if fmt != "gptq" and settings.kv_cache is not None:
+        kvs, names = ct_activations.read_kv(files, model, settings.kv_cache, source, device)
+        for name, kv in kvs.items():
+            activations.attach(model.get_submodule(name), kv=kv)
+        consumed.update(names)
 
     slots = _param_slots(model)
     for name in files.names():
@@ -418,7 +468,7 @@ def load(
             else:
                 m._buffers[a] = new
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(out_emb, QuantLinear) and hasattr(model, "tie_weights"):
+    if not isinstance(out_emb, QuantizedLinear) and hasattr(model, "tie_weights"):
         model.tie_weights()  # tied heads were saved once (our writer and transformers' alike)
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
@@ -490,22 +540,25 @@ def convert(
     in_fmt, qc, source = detect_format(s)
     files = CheckpointFiles(s)
     config = read_json(s / "config.json")
+    kv_cache = None
     if in_fmt == "gptq":
         settings: Any = gptq.GPTQSettings.from_config(qc, source)
         prefixes = gptq.quantized_prefixes(files)
-        suffixes = gptq.TENSOR_SUFFIXES
         layers = {p: gptq.read_layer(files, p, settings) for p in prefixes}
+        consumed = {f"{p}.{x}" for p in prefixes for x in gptq.TENSOR_SUFFIXES}
     else:
         settings = ct.CTSettings(qc, source)
         prefixes = ct.quantized_prefixes(files)
-        suffixes = ct.TENSOR_SUFFIXES + ("bias",)
         layers = {p: ct.read_layer(files, p, settings) for p in prefixes}
+        consumed = {n for p in prefixes for n in ct.layer_tensor_names(files, p, settings)}
+        kv_cache = settings.kv_cache  # its k_scale/v_scale are copied as they are
     if not layers:
         raise CheckpointError(f"{s}: no quantized tensors found")
+    if out_fmt == "gptq":
+        check_gptq_holds(layer_extras(layers, kv_cache), hint=hint, what=str(s))
 
     dt = config.get("dtype") or config.get("torch_dtype") or "float16"
     mdtype = getattr(torch, dt) if isinstance(dt, str) and isinstance(getattr(torch, dt, None), torch.dtype) else torch.float16
-    consumed = {f"{p}.{x}" for p in prefixes for x in suffixes}
     tensors: dict[str, torch.Tensor] = {}
     unmatched = [t for t in ignore if not any(match_target(n, "Linear", t) for n in layers)]
     if unmatched:
@@ -548,12 +601,13 @@ def convert(
         if linears is None:
             # unknown architecture: exact-name targets cannot claim anything unintended
             ignore: list[str] = []
-            qconf = ct.build_config(layers, ignore=ignore, recipe=_read_recipe(s))
+            qconf = ct.build_config(layers, ignore=ignore, kv_cache=kv_cache)
             for g in qconf["config_groups"].values():
                 if g["targets"] == ["Linear"]:
                     g["targets"] = sorted(layers)
         else:
-            qconf = ct.build_config(layers, ignore=[n for n in linears if n not in layers], recipe=_read_recipe(s))
+            qconf = ct.build_config(layers, ignore=[n for n in linears if n not in layers],
+                                    kv_cache=kv_cache)
     config["quantization_config"] = qconf
 
     with atomic_directory(dst, overwrite=overwrite) as tmp:

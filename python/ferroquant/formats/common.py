@@ -36,10 +36,19 @@ class LayerCodes(QuantizedWeight):
     :class:`QuantizedWeight` (codes in ``nn.Linear`` orientation) plus its ``bias`` (or None)."""
 
     bias: torch.Tensor | None = None
+    # the layer's input / output activation quantizers
+    # (:class:`ferroquant.activations.ActivationQuantizer`), or None
+    input_act: Any = None
+    output_act: Any = None
 
     @property
     def bits(self) -> int:
         return int(self.args.num_bits)
+
+    @property
+    def is_float(self) -> bool:
+        """FP8 weights: ``codes`` are E4M3 values, scales per tensor or channel, no zero point."""
+        return self.args.type == "float"
 
     @property
     def group_size(self) -> int:
@@ -53,8 +62,8 @@ class LayerCodes(QuantizedWeight):
 
     def is_symmetric_codes(self) -> bool:
         """Zero is the midpoint 2**(bits-1) everywhere (what symmetric GPTQ and compressed-tensors
-        symmetric storage both imply)."""
-        return bool((self.zeros == (1 << (self.bits - 1))).all())
+        symmetric storage both imply); FP8 codes have no zero point."""
+        return self.is_float or bool((self.zeros == (1 << (self.bits - 1))).all())
 
 
 def default_g_idx(in_features: int, group_size: int) -> torch.Tensor:

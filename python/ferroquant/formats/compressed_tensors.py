@@ -1,7 +1,10 @@
-"""compressed-tensors ``pack-quantized`` layout, as written by llm-compressor and read by
-transformers (with the ``compressed-tensors`` package) and vLLM.
+"""compressed-tensors checkpoints, as written by llm-compressor and read by transformers (with
+the ``compressed-tensors`` package) and vLLM: each quantized Linear in the layout
+:func:`layer_format` picks for it, its activation scales and the KV-cache scales beside it
+(:mod:`.ct_activations`).
 
-Per quantized Linear ``p`` (``in`` inputs, ``out`` outputs, ``ng`` groups, ``b`` bits):
+``pack-quantized`` (integer weights), per quantized Linear ``p`` (``in`` inputs, ``out``
+outputs, ``ng`` groups, ``b`` bits):
 
 - ``p.weight_packed`` int32 ``[out, ceil(in*b/32)]``: signed codes ``q - 2**(b-1)`` stored
   shifted back by ``+2**(b-1)`` (so: our unsigned codes), densely bit-packed along each row;
@@ -10,7 +13,17 @@ Per quantized Linear ``p`` (``in`` inputs, ``out`` outputs, ``ng`` groups, ``b``
 - ``p.weight_shape`` int64 ``[2]`` = ``[out, in]``; ``p.weight_g_idx`` int32 ``[in]`` only for
   ``actorder: group``.
 
-Weight = ``weight_scale[o, g] * (q_signed - zp_signed)`` = ``scale * (code - zero)``.
+``int-quantized`` (8-bit integer weights of a layer whose inputs are quantized too, W8A8):
+``p.weight`` int8 ``[out, in]`` = ``code - 128``; ``p.weight_scale`` ``[out, ng]``;
+``p.weight_zero_point`` (asymmetric only) int8 ``[out, ng]`` = ``zero - 128``.
+
+``float-quantized`` (FP8 weights): ``p.weight`` float8_e4m3fn ``[out, in]``;
+``p.weight_scale`` ``[1]`` per tensor or ``[out, 1]`` per channel, in the model dtype.
+
+Weight = ``weight_scale[o, g] * (q_signed - zp_signed)`` = ``scale * (code - zero)`` (zero 0
+for FP8). ``quantization_config.format`` is the one format all config groups use, else
+``mixed-precision``, each group naming its own (what compressed-tensors' ``infer_model_format``
+writes and its loaders read).
 """
 
 from __future__ import annotations
@@ -22,10 +35,29 @@ from typing import Any
 import torch
 
 from .. import solver
-from ..config import QuantizationArgs, match_specificity, match_target
-from .common import CheckpointError, CheckpointFiles, LayerCodes, n_groups_for, recipe_get
+from ..config import ActivationArgs, QuantizationArgs, match_specificity, match_target
+from . import ct_activations as acts
+from .common import CheckpointError, CheckpointFiles, LayerCodes, default_g_idx, n_groups_for
 
-TENSOR_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
+PACK, INT, FLOAT, NAIVE = "pack-quantized", "int-quantized", "float-quantized", "naive-quantized"
+MIXED = "mixed-precision"
+TENSOR_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx",
+                   "weight")
+
+
+def layer_format(args: QuantizationArgs, input_act: ActivationArgs | None) -> str:
+    """``float-quantized`` for FP8 weights; ``int-quantized`` for 8-bit integer weights whose
+    inputs are quantized too (W8A8: int8 kernels read the int8 weight as it is); otherwise
+    ``pack-quantized``."""
+    if args.type == "float":
+        return FLOAT
+    if input_act is not None and int(args.num_bits) == 8:
+        return INT
+    return PACK
+
+
+def _format_of(layer: LayerCodes) -> str:
+    return layer_format(layer.args, None if layer.input_act is None else layer.input_act.args)
 
 
 def layout_problem(out_features: int, in_features: int, args: QuantizationArgs,
@@ -56,40 +88,66 @@ def check_layer(name: str, layer: LayerCodes, is_conv1d: bool = False) -> None:
             f"{name}: args say symmetric but some zero points differ from {1 << (layer.bits - 1)}; "
             "compressed-tensors symmetric storage has no zero point"
         )
+    fmt = _format_of(layer)
+    if fmt == PACK and layer.args.actorder == "group":
+        return
+    if not layer.has_trivial_g_idx():
+        raise ValueError(
+            f"{name}: non-contiguous g_idx but actorder is {layer.args.actorder!r}; "
+            "compressed-tensors only stores weight_g_idx for actorder='group' in pack-quantized"
+            + (f" (this layer is {fmt}: its inputs are quantized too)" if fmt == INT else "")
+        )
+
+
+def _signed(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes ``[0, 2**b)`` as compressed-tensors' signed int8 ``code - 2**(b-1)``."""
+    return (codes.to(torch.int16) - (1 << (bits - 1))).to(torch.int8).contiguous()
 
 
 def layer_tensors(prefix: str, layer: LayerCodes, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The layer's tensors in its format (:func:`layer_format`), with its activation scales."""
     check_layer(prefix, layer)
     b = layer.bits
-    out: dict[str, torch.Tensor] = {
-        f"{prefix}.weight_packed": solver.pack_ct_weight(layer.codes.to(torch.uint8).contiguous(), b),
-        f"{prefix}.weight_scale": layer.scales.to(scale_dtype).contiguous(),
-        f"{prefix}.weight_shape": torch.tensor([layer.out_features, layer.in_features], dtype=torch.int64),
-    }
-    if not layer.args.symmetric:
-        out[f"{prefix}.weight_zero_point"] = solver.pack_ct_zero_point(
-            layer.zeros.to(torch.uint8).contiguous(), b
-        )
-    if layer.args.actorder == "group":
-        out[f"{prefix}.weight_g_idx"] = layer.g_idx.to(torch.int32).contiguous()
-    elif not layer.has_trivial_g_idx():
-        raise ValueError(
-            f"{prefix}: non-contiguous g_idx but actorder is {layer.args.actorder!r}; "
-            "compressed-tensors only stores weight_g_idx for actorder='group'"
-        )
+    fmt = _format_of(layer)
+    out: dict[str, torch.Tensor] = {}
+    if fmt == FLOAT:
+        out[f"{prefix}.weight"] = layer.codes.contiguous()
+        scale = layer.scales.to(scale_dtype)
+        out[f"{prefix}.weight_scale"] = (scale.reshape(1) if layer.args.strategy == "tensor"
+                                         else scale).contiguous()
+    elif fmt == INT:
+        out[f"{prefix}.weight"] = _signed(layer.codes, b)
+        out[f"{prefix}.weight_scale"] = layer.scales.to(scale_dtype).contiguous()
+        if not layer.args.symmetric:
+            out[f"{prefix}.weight_zero_point"] = _signed(layer.zeros, b)
+    else:
+        out[f"{prefix}.weight_packed"] = solver.pack_ct_weight(
+            layer.codes.to(torch.uint8).contiguous(), b)
+        out[f"{prefix}.weight_scale"] = layer.scales.to(scale_dtype).contiguous()
+        out[f"{prefix}.weight_shape"] = torch.tensor([layer.out_features, layer.in_features],
+                                                     dtype=torch.int64)
+        if not layer.args.symmetric:
+            out[f"{prefix}.weight_zero_point"] = solver.pack_ct_zero_point(
+                layer.zeros.to(torch.uint8).contiguous(), b
+            )
+        if layer.args.actorder == "group":
+            out[f"{prefix}.weight_g_idx"] = layer.g_idx.to(torch.int32).contiguous()
     if layer.bias is not None:
         out[f"{prefix}.bias"] = layer.bias.detach().to(scale_dtype).contiguous()
+    out.update(acts.quantizer_tensors(prefix, "input", layer.input_act, scale_dtype))
+    out.update(acts.quantizer_tensors(prefix, "output", layer.output_act, scale_dtype))
     return out
 
 
 def weights_args_dict(args: QuantizationArgs) -> dict[str, Any]:
     """The ``weights`` entry of a config group, as compressed-tensors serialises it."""
+    gs = args.effective_group_size
     d: dict[str, Any] = {
         "num_bits": int(args.num_bits),
-        "type": "int",
+        "type": args.type,
         "symmetric": bool(args.symmetric),
-        "group_size": None if args.effective_group_size <= 0 else int(args.effective_group_size),
-        "strategy": "channel" if args.effective_group_size <= 0 else "group",
+        "group_size": None if gs <= 0 else int(gs),
+        "strategy": args.strategy if args.type == "float" else "channel" if gs <= 0 else "group",
         "dynamic": False,
         "observer": args.observer,
     }
@@ -99,27 +157,26 @@ def weights_args_dict(args: QuantizationArgs) -> dict[str, Any]:
 
 
 def build_config(
-    layers: dict[str, LayerCodes], *, ignore: list[str], recipe: Any,
+    layers: dict[str, LayerCodes], *, ignore: list[str], kv_cache: ActivationArgs | None = None,
 ) -> dict[str, Any]:
     """``quantization_config`` of config.json, with the field names and order compressed-tensors'
-    ``ModelCompressor.update_config`` writes."""
+    ``ModelCompressor.update_config`` writes: one config group per distinct (weights, input
+    and output activations, format)."""
     groups: dict[str, tuple[dict[str, Any], list[str]]] = {}
     for name, layer in layers.items():
-        wa = weights_args_dict(layer.args)
-        key = repr(sorted(wa.items()))
-        groups.setdefault(key, (wa, []))[1].append(name)
+        ins, outs = (None if q is None else acts.args_dict(q.args)
+                     for q in (layer.input_act, layer.output_act))
+        g = {"weights": weights_args_dict(layer.args), "input_activations": ins,
+             "output_activations": outs, "format": _format_of(layer)}
+        key = repr(sorted((k, v if not isinstance(v, dict) else sorted(v.items()))
+                          for k, v in g.items()))
+        groups.setdefault(key, (g, []))[1].append(name)
     config_groups: dict[str, Any] = {}
     single = len(groups) == 1
-    for i, (wa, names) in enumerate(groups.values()):
-        config_groups[f"group_{i}"] = {
-            # One scheme: target the class and list the rest in `ignore` (what llm-compressor
-            # writes). Several: exact module names, so no two groups can claim a layer.
-            "targets": ["Linear"] if single else sorted(names),
-            "weights": wa,
-            "input_activations": None,
-            "output_activations": None,
-            "format": "pack-quantized",
-        }
+    for i, (g, names) in enumerate(groups.values()):
+        # One scheme: target the class and list the rest in `ignore` (what llm-compressor
+        # writes). Several: exact module names, so no two groups can claim a layer.
+        config_groups[f"group_{i}"] = {"targets": ["Linear"] if single else sorted(names), **g}
     if any(layer.args.actorder == "group" for layer in layers.values()):
         warnings.warn(
             "compressed-tensors >= 0.20 rejects actorder='group' (weight_g_idx) when loading; "
@@ -130,15 +187,13 @@ def build_config(
         from compressed_tensors import __version__ as ct_version
     except ImportError:  # the package is optional for writing
         ct_version = "0.20.0"
-    kv = recipe_get(recipe, "kv_cache_scheme")
-    if kv is not None and hasattr(kv, "model_dump"):
-        kv = kv.model_dump(mode="json")
+    formats = {g["format"] for g in config_groups.values()}
     return {
         "config_groups": config_groups,
-        "format": "pack-quantized",
+        "format": formats.pop() if len(formats) == 1 else MIXED,
         "global_compression_ratio": None,
         "ignore": sorted(ignore),
-        "kv_cache_scheme": kv,
+        "kv_cache_scheme": None if kv_cache is None else acts.args_dict(kv_cache),
         "quant_method": "compressed-tensors",
         "quantization_status": "compressed",
         "sparsity_config": {},
@@ -152,67 +207,103 @@ def build_config(
 
 
 def quantized_prefixes(files: CheckpointFiles) -> list[str]:
-    return sorted(n[: -len(".weight_packed")] for n in files.names() if n.endswith(".weight_packed"))
+    """Every module with a ``weight_scale``: what every compressed-tensors layout writes."""
+    return sorted(n[: -len(".weight_scale")] for n in files.names() if n.endswith(".weight_scale"))
+
+
+def _weights_args(w: dict[str, Any], where: str) -> QuantizationArgs:
+    wtype = str(w.get("type", "int")).lower()
+    strategy = w.get("strategy") or ("channel" if w.get("group_size") in (None, -1) else "group")
+    allowed = ("tensor", "channel") if wtype == "float" else ("group", "channel")
+    if strategy not in allowed:
+        raise CheckpointError(f"{where}: {wtype} weights with strategy {strategy!r} are not "
+                              f"supported ({' or '.join(allowed)})")
+    actorder = w.get("actorder")
+    if actorder in ("weight", "static"):
+        actorder = "static"
+    elif actorder in ("group", "dynamic", True):
+        actorder = "group"
+    else:
+        actorder = None
+    try:
+        return QuantizationArgs(
+            num_bits=int(w.get("num_bits", 8)),
+            type=wtype,
+            symmetric=bool(w.get("symmetric", True)),
+            strategy=strategy,
+            group_size=int(w["group_size"]) if strategy == "group" else None,
+            actorder=actorder,
+            observer="mse" if w.get("observer") == "mse" else "minmax",
+        )
+    except (KeyError, TypeError, ValueError) as e:  # pydantic's ValidationError is a ValueError
+        raise CheckpointError(f"{where}: {e}") from None
+
+
+@dataclass
+class GroupScheme:
+    """One config group as read: its weights, activations and storage format."""
+
+    name: str
+    weights: QuantizationArgs
+    input_activations: ActivationArgs | None
+    output_activations: ActivationArgs | None
+    format: str
 
 
 class CTSettings:
-    """Resolves each module's weights args from ``config_groups`` targets (exact names,
-    ``re:`` regexes, or class names such as ``Linear``) and ``ignore``."""
+    """Resolves each module's scheme from ``config_groups`` targets (exact names, ``re:``
+    regexes, or class names such as ``Linear``) and ``ignore``; each group's format is its own
+    ``format`` or, unless that is ``mixed-precision``, the config's."""
 
     def __init__(self, qc: dict[str, Any], source: str) -> None:
         self.source = source
-        fmt = qc.get("format")
-        if fmt != "pack-quantized":
+        top = qc.get("format")
+        known = (PACK, INT, FLOAT, NAIVE)
+        if top not in (*known, MIXED):
             raise CheckpointError(
-                f"{source}: compressed-tensors format {fmt!r} is not supported (only 'pack-quantized')"
+                f"{source}: compressed-tensors format {top!r} is not supported "
+                f"({', '.join(known)} or {MIXED})"
             )
         groups = qc.get("config_groups")
         if not isinstance(groups, dict) or not groups:
             raise CheckpointError(f"{source}: compressed-tensors config has no config_groups")
-        self.groups: list[tuple[list[str], QuantizationArgs]] = []
+        self.groups: list[tuple[list[str], GroupScheme]] = []
         for gname, g in groups.items():
+            where = f"{source}: config_groups.{gname}"
             if not isinstance(g, dict) or not isinstance(g.get("weights"), dict):
-                raise CheckpointError(f"{source}: config_groups.{gname} has no 'weights' arguments")
-            w = g["weights"]
-            if w.get("type", "int") != "int":
-                raise CheckpointError(f"{source}: config_groups.{gname}: only int weights are supported")
-            strategy = w.get("strategy") or ("channel" if w.get("group_size") in (None, -1) else "group")
-            if strategy not in ("group", "channel"):
-                raise CheckpointError(f"{source}: config_groups.{gname}: strategy {strategy!r} unsupported")
-            actorder = w.get("actorder")
-            if actorder in ("weight", "static"):
-                actorder = "static"
-            elif actorder in ("group", "dynamic", True):
-                actorder = "group"
-            else:
-                actorder = None
-            try:
-                args = QuantizationArgs(
-                    num_bits=int(w.get("num_bits", 8)),
-                    symmetric=bool(w.get("symmetric", True)),
-                    strategy=strategy,
-                    group_size=None if strategy == "channel" else int(w["group_size"]),
-                    actorder=actorder,
-                    observer="mse" if w.get("observer") == "mse" else "minmax",
-                )
-            except (KeyError, TypeError, ValueError) as e:  # pydantic's ValidationError is a ValueError
-                raise CheckpointError(f"{source}: config_groups.{gname}.weights: {e}") from None
-            targets = g.get("targets") or []
-            self.groups.append((list(targets), args))
+                raise CheckpointError(f"{where} has no 'weights' arguments")
+            fmt = g.get("format") or top
+            if fmt not in known:
+                raise CheckpointError(f"{where}: format {fmt!r} is not supported "
+                                      f"({', '.join(known)})")
+            args = _weights_args(g["weights"], f"{where}.weights")
+            if fmt != NAIVE and (fmt == FLOAT) != (args.type == "float"):
+                raise CheckpointError(f"{where}: format {fmt!r} cannot hold {args.type} weights")
+            ins, outs = (None if g.get(k) is None else acts.args_from_dict(g[k], f"{where}.{k}")
+                         for k in ("input_activations", "output_activations"))
+            scheme = GroupScheme(str(gname), args, ins, outs, fmt)
+            self.groups.append((list(g.get("targets") or []), scheme))
         self.ignore = list(qc.get("ignore") or [])
+        kv = qc.get("kv_cache_scheme")
+        self.kv_cache = None if kv is None else acts.args_from_dict(kv, f"{source}: kv_cache_scheme")
 
-    def for_module(self, name: str, module: Any = "Linear") -> QuantizationArgs | None:
-        """The args of the most specific matching group (full name > regex > class name, the
-        recipe's own rule: :func:`ferroquant.config.match_specificity`); ``module`` is the module
-        or its class name. The first of equally specific groups wins (a reader is lenient)."""
+    def scheme_for(self, name: str, module: Any = "Linear") -> GroupScheme | None:
+        """The most specific matching group (full name > regex > class name, the recipe's own
+        rule: :func:`ferroquant.config.match_specificity`); ``module`` is the module or its
+        class name. The first of equally specific groups wins (a reader is lenient)."""
         if any(match_target(name, module, t) for t in self.ignore):
             return None
-        best: tuple[int, QuantizationArgs] | None = None
-        for targets, args in self.groups:
+        best: tuple[int, GroupScheme] | None = None
+        for targets, scheme in self.groups:
             spec = max((match_specificity(name, module, t) for t in targets), default=0)
             if spec and (best is None or spec > best[0]):
-                best = (spec, args)
+                best = (spec, scheme)
         return None if best is None else best[1]
+
+    def for_module(self, name: str, module: Any = "Linear") -> QuantizationArgs | None:
+        """The weights args of :meth:`scheme_for`'s group."""
+        s = self.scheme_for(name, module)
+        return None if s is None else s.weights
 
 
 @dataclass
@@ -224,6 +315,7 @@ class LayerHeader:
     out_features: int
     n_groups: int
     why: str
+    scheme: GroupScheme | None = None
 
 
 def check_layer_header(
@@ -232,11 +324,14 @@ def check_layer_header(
 ) -> LayerHeader:
     """Check presence, dtypes and shapes of one layer's tensors against the config (and the
     model's layer shape where known); of the data only the 2-integer ``weight_shape`` is read."""
-    args = settings.for_module(prefix)
-    if args is None:
+    scheme = settings.scheme_for(prefix)
+    if scheme is None:
         raise CheckpointError(
-            f"{files.dir}: '{prefix}.weight_packed' exists but no config group in {settings.source} targets '{prefix}'"
+            f"{files.dir}: '{prefix}.weight_scale' exists but no config group in {settings.source} targets '{prefix}'"
         )
+    if scheme.format != PACK:
+        return _check_dense_header(files, prefix, settings, scheme, in_features, out_features)
+    args = scheme.weights
     b = int(args.num_bits)
     shp = files.expect(f"{prefix}.weight_shape", (torch.int64, torch.int32), (2,))
     ws = [int(v) for v in files.get(f"{prefix}.weight_shape").tolist()]
@@ -265,34 +360,114 @@ def check_layer_header(
         files.expect(f"{prefix}.weight_zero_point", torch.int32, (-(-out * b // 32), ng), why)
     if f"{prefix}.weight_g_idx" in files:
         files.expect(f"{prefix}.weight_g_idx", (torch.int32, torch.int64), (inp,), why)
-    return LayerHeader(args, inp, out, ng, why)
+    return LayerHeader(args, inp, out, ng, why, scheme)
+
+
+def _check_dense_header(
+    files: CheckpointFiles, prefix: str, settings: CTSettings, scheme: GroupScheme,
+    in_features: int | None, out_features: int | None,
+) -> LayerHeader:
+    """int-/float-quantized: the unpacked ``weight`` gives the layer's shape."""
+    args = scheme.weights
+    is_float = args.type == "float"
+    w = files.expect(f"{prefix}.weight", torch.float8_e4m3fn if is_float else torch.int8, None,
+                     f"{scheme.format} from {settings.source}")
+    if len(w.shape) != 2:
+        raise CheckpointError(f"{w.file}: tensor '{prefix}.weight' has shape {list(w.shape)}, "
+                              "expected [out, in]")
+    out, inp = (int(v) for v in w.shape)
+    if (out_features is not None and out != out_features) or (in_features is not None and inp != in_features):
+        raise CheckpointError(
+            f"{w.file}: tensor '{prefix}.weight' has shape {[out, inp]} but the model's layer is "
+            f"[{out_features}, {in_features}]"
+        )
+    gs = args.effective_group_size
+    if gs > 0 and inp % gs:
+        raise CheckpointError(
+            f"{w.file}: '{prefix}': in_features={inp} is not a multiple of group_size={gs} from {settings.source}"
+        )
+    ng = n_groups_for(inp, gs)
+    scale_shape: tuple[int, ...] = (1,) if args.strategy == "tensor" else (out, ng)
+    why = f"{scheme.format}, {args.describe()} from {settings.source}, weight [{out}, {inp}]"
+    files.expect(f"{prefix}.weight_scale", (torch.float16, torch.bfloat16, torch.float32), scale_shape, why)
+    if args.symmetric:
+        if f"{prefix}.weight_zero_point" in files:
+            raise CheckpointError(
+                f"{files.info(prefix + '.weight_zero_point').file}: tensor '{prefix}.weight_zero_point' "
+                f"present but {settings.source} says symmetric"
+            )
+    else:
+        files.expect(f"{prefix}.weight_zero_point", torch.int8, (out, ng), why)
+    return LayerHeader(args, inp, out, ng, why, scheme)
+
+
+def _activation_quantizers(files: CheckpointFiles, prefix: str, settings: CTSettings,
+                           scheme: GroupScheme, device: torch.device | str) -> list[Any]:
+    """The layer's input and output quantizers (None where its group has none)."""
+    found: list[Any] = []
+    for base, args in (("input", scheme.input_activations), ("output", scheme.output_activations)):
+        why = (f"static {base}_activations {args.describe()} of config_groups.{scheme.name} "
+               f"from {settings.source}") if args is not None else ""
+        found.append(None if args is None else
+                     acts.read_quantizer(files, prefix, base, args, (1,), why, device)[0])
+    return found
 
 
 def read_layer(
     files: CheckpointFiles, prefix: str, settings: CTSettings,
     in_features: int | None = None, out_features: int | None = None,
+    device: torch.device | str = "cpu",
 ) -> LayerCodes:
+    """One layer's codes in ferroquant's convention (unsigned integer codes, or FP8 codes with
+    float32 scales ``[out, 1]`` / ``[1, 1]``), with its activation quantizers (created on
+    ``device``)."""
     h = check_layer_header(files, prefix, settings, in_features, out_features)
+    assert h.scheme is not None
     args, inp, out, ng, why = h.args, h.in_features, h.out_features, h.n_groups, h.why
     b = int(args.num_bits)
-    codes = solver.unpack_ct_weight(files.get(f"{prefix}.weight_packed"), b, inp).to(torch.uint8)
-    if args.symmetric:
-        zeros = torch.full((out, ng), 1 << (b - 1), dtype=torch.int32)
-    else:
-        zeros = solver.unpack_ct_zero_point(files.get(f"{prefix}.weight_zero_point"), b, out).to(torch.int32)
-    if f"{prefix}.weight_g_idx" in files:
-        g_idx = files.get(f"{prefix}.weight_g_idx").to(torch.int32)
-        if inp and (int(g_idx.min()) < 0 or int(g_idx.max()) >= ng):
-            raise CheckpointError(
-                f"{files.info(prefix + '.weight_g_idx').file}: tensor '{prefix}.weight_g_idx' values "
-                f"outside [0, {ng}) ({why})"
-            )
-        if args.actorder != "group":
-            args = args.model_copy(update={"actorder": "group"})
-    else:
-        from .common import default_g_idx
-
-        g_idx = default_g_idx(inp, args.effective_group_size)
+    g_idx = default_g_idx(inp, args.effective_group_size)
     scales = files.get(f"{prefix}.weight_scale").to(torch.float32)
+    if h.scheme.format == PACK:
+        codes = solver.unpack_ct_weight(files.get(f"{prefix}.weight_packed"), b, inp).to(torch.uint8)
+        if args.symmetric:
+            zeros = torch.full((out, ng), 1 << (b - 1), dtype=torch.int32)
+        else:
+            zeros = solver.unpack_ct_zero_point(files.get(f"{prefix}.weight_zero_point"), b, out).to(torch.int32)
+        if f"{prefix}.weight_g_idx" in files:
+            g_idx = files.get(f"{prefix}.weight_g_idx").to(torch.int32)
+            if inp and (int(g_idx.min()) < 0 or int(g_idx.max()) >= ng):
+                raise CheckpointError(
+                    f"{files.info(prefix + '.weight_g_idx').file}: tensor '{prefix}.weight_g_idx' values "
+                    f"outside [0, {ng}) ({why})"
+                )
+            if args.actorder != "group":
+                args = args.model_copy(update={"actorder": "group"})
+    elif args.type == "float":
+        codes = files.get(f"{prefix}.weight")
+        scales = scales.reshape(-1, 1)  # [1] per tensor -> [1, 1]
+        zeros = torch.zeros(scales.shape, dtype=torch.int32)
+    else:
+        # signed int8 codes of any width up to 8 bits (compressed-tensors stores W4A8 so too)
+        half = 1 << (b - 1)
+        signed = files.get(f"{prefix}.weight").to(torch.int16)
+        if signed.numel() and (int(signed.min()) < -half or int(signed.max()) >= half):
+            raise CheckpointError(f"{files.info(prefix + '.weight').file}: tensor '{prefix}.weight' "
+                                  f"holds values outside [{-half}, {half - 1}] ({why})")
+        codes = (signed + half).to(torch.uint8)
+        zeros = (torch.full((out, ng), half, dtype=torch.int32) if args.symmetric else
+                 files.get(f"{prefix}.weight_zero_point").to(torch.int32) + half)
     bias = files.get(f"{prefix}.bias") if f"{prefix}.bias" in files else None
-    return LayerCodes(codes, scales, zeros, g_idx, args, bias)
+    inp_q, out_q = _activation_quantizers(files, prefix, settings, h.scheme, device)
+    return LayerCodes(codes, scales, zeros, g_idx, args, bias, inp_q, out_q)
+
+
+def layer_tensor_names(files: CheckpointFiles, prefix: str, settings: CTSettings) -> list[str]:
+    """Every checkpoint tensor :func:`read_layer` reads for ``prefix`` (the weights' and the
+    activation scales')."""
+    names = [f"{prefix}.{s}" for s in (*TENSOR_SUFFIXES, "bias")]
+    scheme = settings.scheme_for(prefix)
+    if scheme is not None:
+        names += [f"{prefix}.{base}_{t}" for base, a in
+                  (("input", scheme.input_activations), ("output", scheme.output_activations))
+                  if a is not None for t in ("scale", "zero_point")]
+    return [n for n in names if n in files]
