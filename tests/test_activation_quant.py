@@ -242,8 +242,11 @@ def _hooks(model) -> int:
 
 def test_hooks_stay_only_as_the_quantized_models_and_detach_removes_them() -> None:
     model = tiny_lm("llama")
-    quantize(model, {"scheme": "W8A8", "kv_cache_scheme": KV_FP8}, _calib(), method="rtn",
-             show_progress=False)
+    rep = quantize(model, {"scheme": "W8A8", "kv_cache_scheme": KV_FP8}, _calib(), method="rtn",
+                   show_progress=False)
+    summary = rep.summary()
+    assert "activations: input int8 per-token dynamic (symmetric) on 14 layers" in summary
+    assert "KV cache: fp8 per-tensor static (symmetric, static_minmax) on 2 attention" in summary
     n_linear = sum(1 for m in model.modules() if "fq_input" in m.__dict__)
     assert n_linear == 14 and _hooks(model) == n_linear + 2  # + one KV hook per attention
     assert activations.detach(model) == n_linear + 2 and _hooks(model) == 0

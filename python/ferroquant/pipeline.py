@@ -222,7 +222,8 @@ class SequentialPipeline:
             phase_seconds={"capture": phases["capture"],
                            "forward": max(0.0, phases["blocks"] - hessian - solve),
                            "hessian": hessian, "solve": solve,
-                           "outside blocks": phases["outside"]})
+                           "outside blocks": phases["outside"]},
+            kv_cache="; ".join(d for m in self.modifiers if (d := m.describe_kv())))
         model.fq_report = rep
         logger.info("ferroquant report\n%s", rep.table())
         return rep

@@ -160,6 +160,10 @@ class Modifier:
         """What the modifier targets, for error messages."""
         return type(self).__name__
 
+    def describe_kv(self) -> str:
+        """What it made of the KV cache, for the report ("" when nothing)."""
+        return ""
+
     def resolve_targets(self, model: nn.Module, blocks: Blocks
                         ) -> tuple[list[list[Target]], list[Target]]:
         """Targets per decoder block, and outside the blocks (matched by full name or regex

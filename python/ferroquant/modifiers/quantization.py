@@ -143,6 +143,11 @@ class WeightModifier(Modifier):
         super().end_calibration(model)
         model.fq_recipe = self.recipe
 
+    def describe_kv(self) -> str:
+        n = sum(map(len, self.kv_per_block))
+        kv = self.recipe.kv_cache_scheme
+        return "" if kv is None or not n else f"{kv.describe()} on {n} attention modules"
+
     def abort(self) -> None:
         super().abort()
         for t in self.all_targets():
@@ -229,7 +234,7 @@ class WeightModifier(Modifier):
             symmetric=a.symmetric, actorder=a.actorder, method=method, loss=loss,
             damp_frac=damp_frac, damp_attempts=list(damp_attempts or []),
             dead_columns=dead_columns, samples=samples, seconds=seconds, rtn_loss=rtn_loss,
-            note="; ".join(x for x in (note, *acts) if x),
+            note=note, activations="; ".join(acts),
         )
 
 
