@@ -285,3 +285,24 @@ def test_static_scheme_on_zero_samples_is_an_error_before_any_work() -> None:
     with pytest.raises(ValueError, match="static activation scales.*need calibration samples"):
         quantize(tiny_lm("llama"), "W8A8_STATIC", CalibrationSet([], [], 16, 0),
                  method="rtn", show_progress=False)
+
+
+def test_dynamic_output_activations_put_each_output_token_on_its_grid() -> None:
+    model = tiny_lm("llama")
+    recipe = {"config_groups": {"g": {
+        "targets": ["re:.*down_proj$"], "weights": {"num_bits": 8, "strategy": "channel"},
+        "output_activations": {"num_bits": 8, "strategy": "token", "dynamic": True}}}}
+    quantize(model, recipe, _calib(), method="rtn", show_progress=False)
+    down = model.model.layers[0].mlp.down_proj
+    raw, final = [], []
+    h1 = down.register_forward_hook(lambda m, a, o: raw.append(o), prepend=True)
+    h2 = down.register_forward_hook(lambda m, a, o: final.append(o))
+    with torch.no_grad():
+        model(random_ids(1, 16, seed=2))
+    h1.remove(), h2.remove()
+    x = raw[0].reshape(-1, raw[0].shape[-1])
+    scale = x.abs().amax(-1, keepdim=True) / 127.5
+    expect = (x / scale).round().clamp(-128, 127) * scale
+    torch.testing.assert_close(final[0].reshape(expect.shape), expect, rtol=0, atol=1e-7)
+    assert not torch.equal(final[0], raw[0])
+    assert "fq_input" not in down.__dict__ and "fq_output" in down.__dict__

@@ -102,6 +102,8 @@ def test_bad_input_is_a_clear_error_before_any_work() -> None:
     _err("either scheme or config_groups", scheme="W8A8", config_groups=_cg(strategy="tensor"))
     _err("carries its own targets", scheme={"W8A8": ["Linear"]}, targets=["Linear"])
     _err("FP8 weights.*group_size", scheme="FP8", group_size=64)
+    _err("only dynamic output quantization", config_groups={"g": {
+        "targets": ["Linear"], "weights": {}, "output_activations": {"num_bits": 8}}})
     with pytest.raises(ValidationError, match="weights are quantized statically"):
         QuantizationArgs(dynamic=True)
     with pytest.raises(ValidationError, match="integer weights: strategy must be"):

@@ -242,11 +242,15 @@ class QuantizationScheme(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _no_heads(self) -> QuantizationScheme:
+    def _activations(self) -> QuantizationScheme:
         for kind in ("input_activations", "output_activations"):
             a = getattr(self, kind)
             if a is not None and a.strategy == "attn_head":
                 raise ValueError(f"{kind}: strategy 'attn_head' is for kv_cache_scheme only")
+        out = self.output_activations
+        if out is not None and not out.dynamic:
+            raise ValueError("output_activations: only dynamic output quantization is supported "
+                             "(static output scales are not calibrated yet); set dynamic: true")
         return self
 
 
