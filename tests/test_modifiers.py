@@ -18,6 +18,7 @@ from ferroquant.calibration import from_tensors
 from ferroquant.config import GPTQ
 from ferroquant.hooks import HookRegistry
 from ferroquant.modifiers import GPTQModifier, LifecycleError, QuantizationModifier
+from ferroquant.modifiers.quantization import Stats
 from ferroquant.pipeline import SequentialPipeline
 from tiny_models import ToyLM, random_ids, tiny_lm
 
@@ -143,11 +144,15 @@ def test_unknown_method_is_an_error() -> None:
 class _FixedHessian:
     """A statistic standing in for an accumulator: a given Hessian."""
 
-    def __init__(self, h: torch.Tensor, samples: int = 8) -> None:
-        self.h, self.samples = h, samples
+    def __init__(self, h: torch.Tensor) -> None:
+        self.h = h
 
     def hessian(self) -> torch.Tensor:
         return self.h
+
+
+def _fixed(h: torch.Tensor) -> Stats:
+    return Stats(_FixedHessian(h), None, samples=8)
 
 
 def _lone_target(modifier: GPTQModifier, in_features: int = 4):
@@ -162,7 +167,7 @@ def test_damping_escalation_is_a_warning_naming_the_layer() -> None:
     m = GPTQModifier(GPTQ(group_size=-1))
     t = _lone_target(m)
     # eigenvalues 2.02 and -0.02: indefinite until the damping exceeds 2% of mean(diag)
-    t.state = _FixedHessian(torch.tensor([[1.0, 1.02, 0, 0], [1.02, 1.0, 0, 0],
+    t.state = _fixed(torch.tensor([[1.0, 1.02, 0, 0], [1.02, 1.0, 0, 0],
                                           [0, 0, 1.0, 0], [0, 0, 0, 1.0]]))
     with pytest.warns(RuntimeWarning, match=r"layer 'block\.0\.fc': the damped Hessian was not "
                                             r"positive definite at dampening_frac=0\.01; raised "
@@ -174,7 +179,7 @@ def test_damping_escalation_is_a_warning_naming_the_layer() -> None:
 def test_no_warning_when_the_first_damping_works(recwarn) -> None:
     m = GPTQModifier(GPTQ(group_size=-1))
     t = _lone_target(m)
-    t.state = _FixedHessian(torch.eye(4))
+    t.state = _fixed(torch.eye(4))
     m.on_module_ready(t, 0)
     assert not [w for w in recwarn if "damped" in str(w.message)]
 
@@ -194,5 +199,5 @@ def test_cuda_core_failing_to_load_is_a_warning(monkeypatch) -> None:
     t = _lone_target(m)
     with pytest.warns(RuntimeWarning, match=r"CUDA core did not load \(libcublas\.so\.13 not "
                                             r"found\); Hessians and solves run on the CPU core"):
-        acc = m.new_state(t, _FakeCudaTensor())  # type: ignore[arg-type]
-    assert isinstance(acc, solver.HessianAccumulator)
+        state = m.new_state(t, _FakeCudaTensor())  # type: ignore[arg-type]
+    assert isinstance(state.core, solver.HessianAccumulator)

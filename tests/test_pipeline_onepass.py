@@ -98,7 +98,7 @@ def _hessians(monkeypatch, model: nn.Module, calib: CalibrationSet, **kw) -> tup
     real = GPTQModifier.on_module_ready
 
     def spy(self, t, subset):
-        seen[t.name] = (t.state.hessian().clone(), t.state.samples)
+        seen[t.name] = (t.state.core.hessian().clone(), t.state.samples)
         return real(self, t, subset)
 
     monkeypatch.setattr(GPTQModifier, "on_module_ready", spy)

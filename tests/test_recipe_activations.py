@@ -102,7 +102,28 @@ def test_bad_input_is_a_clear_error_before_any_work() -> None:
     _err("either scheme or config_groups", scheme="W8A8", config_groups=_cg(strategy="tensor"))
     _err("carries its own targets", scheme={"W8A8": ["Linear"]}, targets=["Linear"])
     _err("FP8 weights.*group_size", scheme="FP8", group_size=64)
+    _err("only dynamic output quantization", config_groups={"g": {
+        "targets": ["Linear"], "weights": {}, "output_activations": {"num_bits": 8}}})
     with pytest.raises(ValidationError, match="weights are quantized statically"):
         QuantizationArgs(dynamic=True)
     with pytest.raises(ValidationError, match="integer weights: strategy must be"):
         QuantizationArgs(strategy="tensor")
+
+
+def test_cli_kv_cache_flags_build_the_scheme() -> None:
+    from ferroquant.cli import UserError, build_recipe
+
+    r = build_recipe(scheme="W8A8", kv_cache="fp8")
+    assert r.kv_cache_scheme.describe() == "fp8 per-tensor static (symmetric)"
+    r = build_recipe(scheme="W4A16", kv_cache="int8", kv_cache_strategy="attn_head")
+    assert (r.kv_cache_scheme.type, r.kv_cache_scheme.strategy) == ("int", "attn_head")
+    with pytest.raises(UserError, match="--kv-cache-strategy needs --kv-cache"):
+        build_recipe(kv_cache_strategy="attn_head")
+
+
+def test_beyond_integer_weights_names_what_gptq_cannot_hold() -> None:
+    assert GPTQ(scheme="W4A16").beyond_integer_weights() == []
+    assert GPTQ(scheme="FP8_DYNAMIC", kv_cache_scheme={"type": "float"}).beyond_integer_weights() == [
+        "config group 'group_0': FP8 weights",
+        "config group 'group_0': input activations fp8 per-token dynamic (symmetric)",
+        "kv_cache_scheme fp8 per-tensor static (symmetric)"]

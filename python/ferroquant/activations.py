@@ -147,6 +147,13 @@ class ActivationQuantizer:
     def calibrated(self) -> bool:
         return bool(self.args.dynamic) or self.scale is not None
 
+    def reset(self) -> None:
+        """Back to uncalibrated and off (a pass that was abandoned)."""
+        self.scale = self.zero_point = None
+        self.enabled = False
+        self.batches = 0
+        self._observers = []
+
     def observe(self, x: torch.Tensor) -> None:
         """One batch: ``[tokens, features]`` rows, or ``[heads, tokens, head_dim]`` for a
         per-head KV scheme (every head's observer sees its own slice)."""
@@ -196,7 +203,6 @@ class KVCacheQuantizer:
     v: ActivationQuantizer
     observing: bool = False
     freeze_on_call: bool = False
-    n_samples: int = 1
     lengths: list[int] | None = None
     storage_dtype: torch.dtype = torch.float32
 
@@ -214,6 +220,11 @@ class KVCacheQuantizer:
         for i in range(x.shape[0]):
             xi = x[i] if self.lengths is None else x[i, :, : self.lengths[i]]
             q.observe(xi if per_head else xi.reshape(-1, xi.shape[-1]))
+
+    def reset(self) -> None:
+        for q in (self.k, self.v):
+            q.reset()
+        self.observing = self.freeze_on_call = False
 
     def freeze(self) -> None:
         for q in (self.k, self.v):
@@ -253,14 +264,16 @@ class _CacheProxy:
         return getattr(cache, name)
 
 
-# the attention's cache argument: transformers >= 5.24 calls it ``cache`` (``past_key_values``
-# deprecated), older versions ``past_key_values`` or ``past_key_value``
-CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
+# what attention modules call their cache argument (transformers renamed it over time)
+_CACHE_ARGS = ("cache", "past_key_values", "past_key_value")
 
 
-def _cache_kwarg(module: nn.Module) -> str:
-    params = inspect.signature(module.forward).parameters
-    return next((k for k in CACHE_KWARGS if k in params), "past_key_value")
+def _cache_kwarg(module: nn.Module) -> str | None:
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    return next((a for a in _CACHE_ARGS if a in params), None)
 
 
 def kv_hook(get: Callable[[nn.Module], KVCacheQuantizer | None]
@@ -271,8 +284,8 @@ def kv_hook(get: Callable[[nn.Module], KVCacheQuantizer | None]
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
              ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         q = get(module)
-        if q is not None:
-            name = _cache_kwarg(module)
+        name = _cache_kwarg(module)
+        if q is not None and name is not None:
             kwargs[name] = _CacheProxy(q, kwargs.get(name))
         return args, kwargs
 
@@ -281,19 +294,11 @@ def kv_hook(get: Callable[[nn.Module], KVCacheQuantizer | None]
 
 def attention_modules(root: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
     """The attention modules whose keys and values are cached: modules with both a ``k_proj``
-    and a ``v_proj`` child and a cache argument (``cache``, ``past_key_values`` or
-    ``past_key_value``)."""
-    out = []
-    for name, m in root.named_modules(prefix=prefix):
-        if isinstance(getattr(m, "k_proj", None), nn.Module) and isinstance(
-                getattr(m, "v_proj", None), nn.Module):
-            try:
-                params = inspect.signature(m.forward).parameters
-            except (TypeError, ValueError):
-                continue
-            if any(k in params for k in CACHE_KWARGS):
-                out.append((name, m))
-    return out
+    and a ``v_proj`` child and a cache argument (``cache``, ``past_key_values``)."""
+    return [(name, m) for name, m in root.named_modules(prefix=prefix)
+            if isinstance(getattr(m, "k_proj", None), nn.Module)
+            and isinstance(getattr(m, "v_proj", None), nn.Module)
+            and _cache_kwarg(m) is not None]
 
 
 def attention_like(model: nn.Module) -> list[str]:

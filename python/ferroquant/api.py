@@ -122,6 +122,13 @@ def quantize(
             raise TypeError("calibration must be a CalibrationSet or token-id tensors, got "
                             f"{type(calibration).__name__}")
     if len(calibration) == 0:
+        static = [k for k, g in r.resolved_groups().items()
+                  if g.input_activations is not None and not g.input_activations.dynamic]
+        if static or r.kv_cache_scheme is not None:
+            what = ([f"config group(s) {', '.join(static)}"] if static else []) + (
+                ["kv_cache_scheme"] if r.kv_cache_scheme is not None else [])
+            raise ValueError(f"the calibration set is empty, but {' and '.join(what)} calibrate "
+                             "static activation scales, which need calibration samples")
         raise ValueError("the calibration set is empty")
     target, note = _checkpoint_plan(model, r, format, checkpoint_format, _hint)
     if note and show_progress:

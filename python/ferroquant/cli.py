@@ -212,9 +212,12 @@ def _read_text(path: Path, what: str) -> str:
 def build_recipe(recipe_file: str | None = None, *, scheme: str | None = None,
                  group_size: int | None = None, actorder: str | None = None,
                  observer: str | None = None, dampening_frac: float | None = None,
-                 ignore: Sequence[str] | None = None, forward_dtype: str | None = None) -> Any:
+                 ignore: Sequence[str] | None = None, forward_dtype: str | None = None,
+                 kv_cache: str | None = None, kv_cache_strategy: str | None = None) -> Any:
     """A :class:`ferroquant.config.GPTQ` from an optional YAML/JSON file plus flag overrides
-    (a flag left at ``None`` keeps the file's value; no file and no scheme means W4A16)."""
+    (a flag left at ``None`` keeps the file's value; no file and no scheme means W4A16).
+    ``kv_cache``: ``fp8`` or ``int8``, a static symmetric KV-cache scheme per tensor (or per
+    head: ``kv_cache_strategy="attn_head"``)."""
     from .config import GPTQ
 
     base: dict[str, Any] = {}
@@ -239,6 +242,14 @@ def build_recipe(recipe_file: str | None = None, *, scheme: str | None = None,
         base["forward_dtype"] = forward_dtype
     if ignore:
         base["ignore"] = list(base.get("ignore", ["lm_head"])) + list(ignore)
+    if kv_cache is not None:
+        base["kv_cache_scheme"] = {"num_bits": 8, "type": "float" if kv_cache == "fp8" else "int",
+                                   "strategy": kv_cache_strategy or "tensor"}
+    elif kv_cache_strategy is not None:
+        if not base.get("kv_cache_scheme"):
+            raise UserError("--kv-cache-strategy needs --kv-cache (or a recipe with a "
+                            "kv_cache_scheme)")
+        base["kv_cache_scheme"] = {**base["kv_cache_scheme"], "strategy": kv_cache_strategy}
     return GPTQ.model_validate(base)
 
 
@@ -256,7 +267,14 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     recipe = build_recipe(args.recipe, scheme=args.scheme, group_size=args.group_size,
                           actorder=args.actorder, observer=args.observer,
                           dampening_frac=args.dampening_frac, ignore=args.ignore,
-                          forward_dtype=args.forward_dtype)
+                          forward_dtype=args.forward_dtype, kv_cache=args.kv_cache,
+                          kv_cache_strategy=args.kv_cache_strategy)
+    beyond = recipe.beyond_integer_weights()
+    if args.format is None:  # the format that holds the recipe
+        args.format = "compressed-tensors" if beyond else "gptq"
+        if beyond:
+            print("note: saving as compressed-tensors (GPTQ checkpoints hold integer weights "
+                  f"only; the recipe also has {beyond[0]}{' and more' if len(beyond) > 1 else ''})")
     out = Path(args.out_dir).expanduser()
     _check_out_dir(out, args.overwrite)
     calib_path = (_existing(args.calibration, "calibration file") if args.calibration
@@ -610,11 +628,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model directory, .gguf file (or directory holding one), or 'smollm2'")
     q.add_argument("out_dir", metavar="OUT_DIR")
     q.add_argument("--scheme", type=_scheme, default=None,
-                   help="W4A16 (default), W4A16_ASYM, W8A16, W3A16, W2A16")
+                   help="weight-only W4A16 (default), W4A16_ASYM, W8A16, W3A16, W2A16; with "
+                        "activations W8A8, W8A8_STATIC, FP8, FP8_DYNAMIC, W4A8, W4AFP8")
     q.add_argument("--group-size", type=_group_size, default=None,
                    help="columns per scale group; -1 = per output channel (default 128)")
-    q.add_argument("--format", type=_format, default="gptq",
-                   help="gptq (default) or compressed-tensors")
+    q.add_argument("--format", type=_format, default=None,
+                   help="gptq or compressed-tensors (default: gptq for integer weight-only "
+                        "schemes, compressed-tensors when activations, FP8 weights or the KV "
+                        "cache are quantized)")
     q.add_argument("--checkpoint-format", type=_checkpoint_format, default=None,
                    metavar="v1|v2",
                    help="GPTQ only: v1 (zero-1, read by every engine) or v2 (raw zero points); "
@@ -632,7 +653,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation order (default static)")
     q.add_argument("--observer", choices=["minmax", "mse"], default=None)
     q.add_argument("--method", choices=["gptq", "rtn"], default="gptq",
-                   help="gptq (default) or rtn: round-to-nearest with the observer, no Hessian")
+                   help="gptq (default) or rtn: round-to-nearest with the observer, no Hessian "
+                        "(FP8 weights are always rounded to nearest)")
+    q.add_argument("--kv-cache", choices=["fp8", "int8"], default=None,
+                   help="quantize the KV cache (keys and values after RoPE, static scales "
+                        "calibrated per tensor; vLLM's k_scale/v_scale)")
+    q.add_argument("--kv-cache-strategy", choices=["tensor", "attn_head"], default=None,
+                   help="one KV scale per tensor (default) or per KV head")
     q.add_argument("--dampening-frac", type=float, default=None,
                    help="damping as a fraction of mean(diag H) (default 0.01)")
     q.add_argument("--forward-dtype", choices=["bfloat16", "float16", "float32", "model"],

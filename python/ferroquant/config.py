@@ -242,11 +242,15 @@ class QuantizationScheme(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _no_heads(self) -> QuantizationScheme:
+    def _activations(self) -> QuantizationScheme:
         for kind in ("input_activations", "output_activations"):
             a = getattr(self, kind)
             if a is not None and a.strategy == "attn_head":
                 raise ValueError(f"{kind}: strategy 'attn_head' is for kv_cache_scheme only")
+        out = self.output_activations
+        if out is not None and not out.dynamic:
+            raise ValueError("output_activations: only dynamic output quantization is supported "
+                             "(static output scales are not calibrated yet); set dynamic: true")
         return self
 
 
@@ -528,6 +532,22 @@ class GPTQ(BaseModel):
                 upd["observer"] = self.observer
             merged = {**w.model_dump(), **upd}
             out[key] = g.model_copy(update={"weights": QuantizationArgs.model_validate(merged)})
+        return out
+
+    def beyond_integer_weights(self) -> list[str]:
+        """What the recipe quantizes besides integer weights (activations, FP8 weights, the
+        KV cache), one phrase each: what a weight-only format such as GPTQ cannot hold."""
+        out = []
+        for key, g in self.resolved_groups().items():
+            if g.weights.type == "float":
+                out.append(f"config group {key!r}: FP8 weights")
+            for kind in ("input_activations", "output_activations"):
+                a = getattr(g, kind)
+                if a is not None:
+                    out.append(f"config group {key!r}: {kind.replace('_', ' ')} "
+                               f"{a.describe()}")
+        if self.kv_cache_scheme is not None:
+            out.append(f"kv_cache_scheme {self.kv_cache_scheme.describe()}")
         return out
 
     def args_for(self, name: str, module: Any, *, in_block: bool = True,

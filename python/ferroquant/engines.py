@@ -53,7 +53,7 @@ def sample_rows(x: torch.Tensor, n_samples: int, lengths: list[int] | None
 
 
 def _shareable(a: Target, b: Target) -> bool:
-    return a.modifier is b.modifier and a.modifier.shares_inputs
+    return a.modifier is b.modifier and a.modifier.can_share(a, b)
 
 
 class OnePass:
@@ -83,7 +83,7 @@ class OnePass:
     def install(self, hooks: HookRegistry) -> None:
         for t in self.by_id.values():
             t.state = None
-            hooks.pre("one-pass", t.live, self._pre)
+            hooks.pre("one-pass", t.live, self._pre, prepend=True)
 
     def _pre(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
         if self.unbatchable:
@@ -269,7 +269,7 @@ def execution_groups(block: nn.Module, targets: list[Target], hidden: torch.Tens
             raise StopForward
 
     for t in targets:
-        hooks.pre("probe", t.live, pre)
+        hooks.pre("probe", t.live, pre, prepend=True)
     try:
         call_block(block, hidden, call)
     except StopForward:

@@ -29,8 +29,12 @@ class HookRegistry:
         # module -> (the instance's own forward attribute or None, whether it had one)
         self._forwards: dict[str, list[tuple[nn.Module, Any, bool]]] = {}
 
-    def pre(self, key: str, module: nn.Module, fn: Callable[..., Any]) -> None:
-        self._handles.setdefault(key, []).append(module.register_forward_pre_hook(fn))
+    def pre(self, key: str, module: nn.Module, fn: Callable[..., Any], *,
+            prepend: bool = False, with_kwargs: bool = False) -> None:
+        """A forward pre-hook; ``prepend`` runs it before the module's other pre-hooks (a
+        calibration hook sees the input before the module's own input quantization does)."""
+        self._handles.setdefault(key, []).append(
+            module.register_forward_pre_hook(fn, prepend=prepend, with_kwargs=with_kwargs))
 
     def post(self, key: str, module: nn.Module, fn: Callable[..., Any]) -> None:
         self._handles.setdefault(key, []).append(module.register_forward_hook(fn))

@@ -53,7 +53,7 @@ from .calls import (
 )
 from .engines import OnePass, calibrate_subsets, execution_groups
 from .hooks import HookRegistry, StopForward
-from .modifiers.base import Modifier, Target
+from .modifiers.base import KVTarget, Modifier, Target
 from .report import LayerReport, QuantizationReport
 
 __all__ = ["SequentialPipeline", "resolve_device"]
@@ -141,6 +141,19 @@ class SequentialPipeline:
     def _block_targets(self, i: int) -> list[Target]:
         return [t for m in self.modifiers for t in m.per_block[i]]
 
+    def _block_kv(self, i: int) -> list[KVTarget]:
+        return [k for m in self.modifiers for k in m.kv_per_block[i]]
+
+    def _install_block_hooks(self, i: int) -> None:
+        def add_pre(module: nn.Module, fn: Any, **kw: Any) -> None:
+            self.hooks.pre("activations", module, fn, **kw)
+
+        def add_post(module: nn.Module, fn: Any) -> None:
+            self.hooks.post("activations", module, fn)
+
+        for m in self.modifiers:
+            m.install_block_hooks(i, add_pre, add_post)
+
     @property
     def _solve_now(self) -> bool:
         return all(m.sequential for m in self.modifiers if m.needs_inputs)
@@ -209,7 +222,8 @@ class SequentialPipeline:
             phase_seconds={"capture": phases["capture"],
                            "forward": max(0.0, phases["blocks"] - hessian - solve),
                            "hessian": hessian, "solve": solve,
-                           "outside blocks": phases["outside"]})
+                           "outside blocks": phases["outside"]},
+            kv_cache="; ".join(d for m in self.modifiers if (d := m.describe_kv())))
         model.fq_report = rep
         logger.info("ferroquant report\n%s", rep.table())
         return rep
@@ -236,34 +250,43 @@ class SequentialPipeline:
         for m in self.modifiers:
             reports += m.on_block_start(i, [t for t in m.per_block[i] if not m.needs_inputs])
         calibrated = [t for t in targets if t.modifier.needs_inputs]
+        kvs = self._block_kv(i)
         home = first_device(block)
         block.to(self.dev)
         runner = block
         try:
-            runner = self._forward_copy(block, targets, bname)
+            runner = self._forward_copy(block, targets, kvs, bname)
+            self._install_block_hooks(i)
             memo: dict[int, Any] = {}
             bcalls = [Call(to_device(c.args, self.dev, memo, self.fdt),
                            to_device(c.kwargs, self.dev, memo, self.fdt), c.hidden_key)
                       for c in self.calls[i]]
-            why_not = ""
+            done, why_not = None, ""
             if self.chunk >= len(flow.hiddens):
                 bar.set_postfix_str(f"{bname} batched")
-                done, why_not = self._batched(i, bname, runner, calibrated, flow, bcalls)
-                if done is not None:
-                    flow.paths.append("batched")
-                    self.calls[i] = []
-                    return reports + done
-            reports += self._fallback(i, bname, runner, calibrated, flow, bcalls, why_not, bar)
+                done, why_not = self._batched(i, bname, runner, calibrated, kvs, flow, bcalls)
+            if done is not None:
+                flow.paths.append("batched")
+                reports += done
+            else:
+                reports += self._fallback(i, bname, runner, calibrated, kvs, flow, bcalls,
+                                          why_not, bar)
             self.calls[i] = []
+            for m in self.modifiers:
+                m.on_block_end(i)
             return reports
         finally:
+            self.hooks.remove("activations")
             for t in targets:
                 t.live = t.module
+            for k in kvs:
+                k.live = k.module
             del runner
             block.to(home)
 
     def _batched(self, i: int, bname: str, runner: nn.Module, targets: list[Target],
-                 flow: _Flow, bcalls: list[Call]) -> tuple[list[LayerReport] | None, str]:
+                 kvs: list[KVTarget], flow: _Flow, bcalls: list[Call]
+                 ) -> tuple[list[LayerReport] | None, str]:
         """The one-pass path; (reports, "") or (None, why it could not run) with the block's
         weights untouched."""
         if flow.lengths is not None:
@@ -277,6 +300,9 @@ class SequentialPipeline:
         op = OnePass(targets, f"block {bname}", self._solve_now, int(hidden.shape[0]),
                      flow.lengths)
         op.install(self.hooks)
+        for k in kvs:  # every sample reaches the cache in one call: calibrate, then quantize
+            k.quant.observing = k.quant.freeze_on_call = True
+            k.quant.lengths = flow.lengths
         try:
             out = call_block(runner, hidden, call)
         except StopForward:
@@ -286,6 +312,8 @@ class SequentialPipeline:
         if op.unbatchable:
             for t in targets:  # undo what was solved before the block turned out unbatchable
                 t.modifier.rollback(t, saved[id(t.module)])
+            for k in kvs:
+                k.quant.reset()
             return None, op.unbatchable
         del saved
         reports = op.finish()
@@ -300,7 +328,7 @@ class SequentialPipeline:
         return reports, ""
 
     def _fallback(self, i: int, bname: str, runner: nn.Module, targets: list[Target],
-                  flow: _Flow, bcalls: list[Call], why_not: str, bar: Any
+                  kvs: list[KVTarget], flow: _Flow, bcalls: list[Call], why_not: str, bar: Any
                   ) -> list[LayerReport]:
         """Subset by subset over single samples or chunks, then a pass for the outputs."""
         flow.stacked = None
@@ -326,15 +354,21 @@ class SequentialPipeline:
         if targets:
             groups = execution_groups(runner, targets, hs[0], cs[0], self.hooks)
             subsets = [[g] for g in groups] if self._solve_now else [groups]
+            kv_after = self._kv_after(kvs, subsets)
 
             def run(s: int) -> None:
                 call_block(runner, hs[s], cs[s])
 
+            if kv_after < 0:
+                self._calibrate_kv(kvs, runner, hs, cs, lengths)
             for j, subset in enumerate(subsets):
                 bar.set_postfix_str(f"{bname} subset {j + 1}/{len(subsets)}")
                 calibrate_subsets(subset, f"block {bname}", run, len(hs), self.hooks, sizes,
                                   lengths)
                 reports += [t.modifier.on_module_ready(t, j) for g in subset for t in g]
+                if j == kv_after:
+                    self._calibrate_kv(kvs, runner, hs, cs, lengths)
+        self._calibrate_kv(kvs, runner, hs, cs, lengths)  # a block with no weight targets
         bar.set_postfix_str(f"{bname} outputs")
         outs = []
         first = 0
@@ -347,7 +381,52 @@ class SequentialPipeline:
                         else [o[j:j + 1] for o in outs for j in range(o.shape[0])])
         return reports
 
-    def _forward_copy(self, block: nn.Module, targets: list[Target], bname: str) -> nn.Module:
+    def _kv_after(self, kvs: list[KVTarget], subsets: list[list[list[Target]]]) -> int:
+        """The subset after which the KV cache is calibrated on the per-subset path: once the
+        attention's k_proj and v_proj are quantized (as the one-pass path sees them), or
+        before the first subset (-1) when they are not targets or subsets are not solved in
+        order."""
+        if not kvs or not self._solve_now:
+            return -1
+        projections = {id(getattr(k.module, p, None)) for k in kvs for p in ("k_proj", "v_proj")}
+        found = [j for j, sub in enumerate(subsets) for g in sub for t in g
+                 if id(t.module) in projections]
+        return max(found, default=-1)
+
+    def _calibrate_kv(self, kvs: list[KVTarget], runner: nn.Module, hs: list[torch.Tensor],
+                      cs: list[Call], lengths: list[list[int] | None] | None) -> None:
+        """One pass over every call up to the last attention of the block, observing the keys
+        and values the attentions cache; then their scales are frozen and quantization on."""
+        pending = [k for k in kvs if not k.quant.frozen]
+        if not pending:
+            return
+        waiting: set[int] = set()
+
+        def reached(module: nn.Module, args: Any, output: Any) -> None:
+            waiting.discard(id(module))
+            if not waiting:
+                raise StopForward
+
+        for k in pending:
+            k.quant.observing, k.quant.freeze_on_call = True, False
+            self.hooks.post("kv-pass", k.live, reached)
+        try:
+            for s, (h, c) in enumerate(zip(hs, cs)):
+                waiting.update(id(k.live) for k in pending)
+                for k in pending:
+                    k.quant.lengths = lengths[s] if lengths else None
+                try:
+                    call_block(runner, h, c)
+                except StopForward:
+                    pass
+        finally:
+            self.hooks.remove("kv-pass")
+        for k in pending:
+            if k.quant.k.batches:  # one never reached is reported at the block's end
+                k.quant.freeze()
+
+    def _forward_copy(self, block: nn.Module, targets: list[Target], kvs: list[KVTarget],
+                      bname: str) -> nn.Module:
         """The module the block's calibration forwards run: ``block`` itself, or - when
         ``forward_dtype`` differs from its floating parameters - a copy with those cast to it,
         whose target modules become the targets' ``live`` modules. Buffers keep their dtype:
@@ -370,6 +449,8 @@ class SequentialPipeline:
         mods = dict(runner.named_modules(prefix=bname))
         for t in targets:
             t.live = mods[t.name]
+        for k in kvs:
+            k.live = mods[k.name]
         return runner
 
     # ---- outside the blocks ---------------------------------------------------------------

@@ -43,6 +43,7 @@ class LayerReport:
     seconds: float = 0.0  # solver time for this layer
     rtn_loss: float | None = None  # same Hessian, round-to-nearest (report_rtn_loss=True)
     note: str = ""
+    activations: str = ""  # its input/output activation schemes, e.g. "input int8 per-token ..."
 
 
 class QuantizationReport(list):
@@ -51,7 +52,8 @@ class QuantizationReport(list):
     def __init__(self, layers: Iterable[LayerReport] = (), *, seconds: float = 0.0,
                  num_samples: int = 0, num_tokens: int = 0, blocks: str = "",
                  block_paths: list[str] | None = None,
-                 phase_seconds: dict[str, float] | None = None) -> None:
+                 phase_seconds: dict[str, float] | None = None,
+                 kv_cache: str = "") -> None:
         super().__init__(layers)
         self.seconds = seconds
         self.num_samples = num_samples
@@ -61,6 +63,8 @@ class QuantizationReport(list):
         self.block_paths = list(block_paths or [])
         # wall time by phase: capture, forward (block passes), hessian, solve
         self.phase_seconds = dict(phase_seconds or {})
+        # what the KV cache became, e.g. "fp8 per-tensor static (symmetric) on 30 attention modules"
+        self.kv_cache = kv_cache
 
     @property
     def total_loss(self) -> float:
@@ -147,6 +151,13 @@ class QuantizationReport(list):
                 if r.rtn_loss is not None:
                     row += f", round-to-nearest {r.rtn_loss:.4g}"
                 lines.append(row)
+        acts: dict[str, int] = {}
+        for r in self:
+            if r.activations:
+                acts[r.activations] = acts.get(r.activations, 0) + 1
+        lines += [f"activations: {a} on {n} layers" for a, n in acts.items()]
+        if self.kv_cache:
+            lines.append(f"KV cache: {self.kv_cache}")
         raised = [r.name for r in self if len(r.damp_attempts) > 1]
         if raised:
             lines.append(f"damping raised on {len(raised)} layers: " + ", ".join(raised[:5])

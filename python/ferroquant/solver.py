@@ -29,6 +29,7 @@ __all__ = [
     "HessianNotPositiveDefiniteError",
     "LayerQuantResult",
     "available_threads",
+    "fp8_quantize",
     "gptq_quantize",
     "pack_ct_weight",
     "pack_ct_zero_point",
@@ -269,6 +270,36 @@ def rtn_quantize(
             scale_dtype=_scale_dtype(scale_dtype),
         )
         return _result(r, weight.device)
+
+
+def fp8_quantize(
+    weight: torch.Tensor,
+    *,
+    strategy: str = "channel",
+    scale_dtype: str | torch.dtype = "float32",
+    name: str | None = None,
+) -> LayerQuantResult:
+    """FP8 (E4M3) round-to-nearest of a ``[out, in]`` weight, per output channel or per tensor:
+    ``scale = absmax / 448`` rounded to ``scale_dtype`` (a zero scale becomes float32 eps), codes
+    ``float8_e4m3fn(clamp(w / scale, -448, 448))`` (``codes`` is that float8 tensor), dequantized
+    ``codes * scale``. ``loss`` is the squared error."""
+    with _named(name):
+        w = torch.from_numpy(_float32(weight, "weight"))
+        absmax = w.abs().amax(dim=1, keepdim=True) if strategy == "channel" else w.abs().amax()
+        fmax = float(torch.finfo(torch.float8_e4m3fn).max)
+        scale = (absmax / fmax).reshape(-1, 1)
+        scale = torch.where(scale == 0, torch.finfo(torch.float32).eps, scale)
+        dt = getattr(torch, _scale_dtype(scale_dtype))
+        scale = scale.to(dt).to(torch.float32)
+        codes = (w / scale).clamp(-fmax, fmax).to(torch.float8_e4m3fn)
+        deq = codes.to(torch.float32) * scale
+        dev = weight.device
+        return LayerQuantResult(
+            codes=codes.to(dev), scales=scale.to(dev),
+            zeros=torch.zeros(scale.shape, dtype=torch.int32, device=dev),
+            g_idx=torch.zeros(w.shape[1], dtype=torch.int32, device=dev),
+            dequantized=deq.to(dev), loss=float(((w - deq) ** 2).sum()), damp_frac=float("nan"),
+            damp_attempts=[], dead_columns=[], perm=None)
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,9 +8,13 @@ Lifecycle (llm-compressor's ``QuantizationMixin``)::
     start_calibration   quantization enabled: a module's weights are replaced by their quantized
                         values as soon as they are solved, so later modules and blocks see them
     on_module_ready     a target has seen every calibration input it will get: quantize it
-    on_block_end        a decoder block's calibration pass is over: quantize what is left
-    end_calibration     per-module statistics dropped, scales and zero points frozen (they live
-                        in ``module.fq_quant``); quantization stays enabled
+                        (its weights, and from then on its input/output activations)
+    on_block_end        a decoder block's calibration is over: its activation and KV-cache
+                        quantizers move from the pass's hooks onto the model's modules
+    end_calibration     per-module statistics dropped, scales and zero points frozen (weights
+                        in ``module.fq_quant``, activations in ``module.fq_input`` /
+                        ``fq_output``, the KV cache in the attention's ``fq_kv``);
+                        quantization stays enabled
 
 The pipeline drives the calls; a call out of order raises :class:`LifecycleError`.
 """
@@ -24,11 +28,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..activations import ActivationQuantizer, KVCacheQuantizer
 from ..blocks import Blocks, is_quantizable, linear_weight
-from ..config import QuantizationArgs
+from ..config import QuantizationArgs, QuantizationScheme
 from ..report import LayerReport
 
-__all__ = ["LifecycleError", "Modifier", "Target"]
+__all__ = ["KVTarget", "LifecycleError", "Modifier", "Target"]
 
 
 class LifecycleError(RuntimeError):
@@ -50,10 +55,24 @@ class Target:
     live: nn.Module = None  # type: ignore[assignment]
     state: Any = None  # the modifier's statistics for it (e.g. a Hessian accumulator)
     extra: dict[str, Any] = field(default_factory=dict)
+    scheme: QuantizationScheme | None = None
+    # its input / output activations' quantizers (enabled once the module is quantized)
+    inp: ActivationQuantizer | None = None
+    out: ActivationQuantizer | None = None
 
     def __post_init__(self) -> None:
         if self.live is None:
             self.live = self.module
+        if self.scheme is not None:
+            if self.scheme.input_activations is not None:
+                self.inp = ActivationQuantizer(self.scheme.input_activations)
+            if self.scheme.output_activations is not None:
+                self.out = ActivationQuantizer(self.scheme.output_activations)
+
+    @property
+    def static_input(self) -> bool:
+        """Whether its input scale is calibrated (so its inputs must be observed)."""
+        return self.inp is not None and not self.inp.args.dynamic
 
     def write_weight(self, w: torch.Tensor) -> None:
         """Writes ``w`` (in the module's own weight layout) into the model's module and, while
@@ -61,6 +80,21 @@ class Target:
         for m in (self.module,) if self.live is self.module else (self.module, self.live):
             target = m.weight.data
             target.copy_(w.to(device=target.device, dtype=target.dtype))
+
+
+@dataclass(eq=False)
+class KVTarget:
+    """An attention module whose cached keys and values a modifier quantizes."""
+
+    name: str
+    module: nn.Module
+    quant: KVCacheQuantizer
+    block: int
+    live: nn.Module = None  # type: ignore[assignment]  # see Target.live
+
+    def __post_init__(self) -> None:
+        if self.live is None:
+            self.live = self.module
 
 
 class Modifier:
@@ -80,6 +114,7 @@ class Modifier:
         self.state = "created"
         self.per_block: list[list[Target]] = []
         self.outside: list[Target] = []
+        self.kv_per_block: list[list[KVTarget]] = []
         self.reports: list[LayerReport] = []
 
     # ---- lifecycle ----------------------------------------------------------------------
@@ -93,6 +128,7 @@ class Modifier:
     def initialize(self, model: nn.Module, blocks: Blocks) -> None:
         self._advance("created", "initialized")
         self.per_block, self.outside = self.resolve_targets(model, blocks)
+        self.kv_per_block = self.resolve_kv_targets(model, blocks)
 
     def start_calibration(self, model: nn.Module) -> None:
         self._advance("initialized", "calibrating")
@@ -112,12 +148,21 @@ class Modifier:
 
     # ---- targets ------------------------------------------------------------------------
 
-    def args_for(self, name: str, module: nn.Module, in_block: bool) -> QuantizationArgs | None:
+    def scheme_for(self, name: str, module: nn.Module, in_block: bool
+                   ) -> QuantizationScheme | None:
         raise NotImplementedError
+
+    def resolve_kv_targets(self, model: nn.Module, blocks: Blocks) -> list[list[KVTarget]]:
+        """The attention modules whose KV cache this modifier quantizes, per block."""
+        return [[] for _ in blocks.names]
 
     def describe(self) -> str:
         """What the modifier targets, for error messages."""
         return type(self).__name__
+
+    def describe_kv(self) -> str:
+        """What it made of the KV cache, for the report ("" when nothing)."""
+        return ""
 
     def resolve_targets(self, model: nn.Module, blocks: Blocks
                         ) -> tuple[list[list[Target]], list[Target]]:
@@ -135,9 +180,9 @@ class Modifier:
         for name, mod in root.named_modules(prefix=prefix):
             if skip(name) or not is_quantizable(mod):
                 continue
-            args = self.args_for(name, mod, in_block)
-            if args is not None:
-                yield Target(name, mod, args, self, block)
+            s = self.scheme_for(name, mod, in_block)
+            if s is not None:
+                yield Target(name, mod, s.weights, self, block, scheme=s)
 
     def all_targets(self) -> Iterator[Target]:
         for ts in self.per_block:
@@ -145,6 +190,19 @@ class Modifier:
         yield from self.outside
 
     # ---- calibration events (called by the pipeline) -------------------------------------
+
+    def can_share(self, a: Target, b: Target) -> bool:
+        """Whether ``b`` may use the statistic ``a`` gathered from the very same tensor."""
+        return self.shares_inputs
+
+    def install_block_hooks(self, block: int, add_pre: Callable[..., None],
+                            add_post: Callable[..., None]) -> None:
+        """Before a block's passes: hooks on the modules the passes run (``live``) that this
+        modifier needs there (activation and KV-cache quantization); they are removed when
+        the block is done."""
+
+    def on_block_end(self, block: int) -> None:
+        """A block's calibration is over (its pass hooks are about to be removed)."""
 
     def on_block_start(self, block: int, targets: list[Target]) -> list[LayerReport]:
         """Before a block's calibration pass (``targets``: this modifier's targets in it);

@@ -42,7 +42,6 @@ class GPTQModifier(WeightModifier):
     """GPTQ on every target of ``recipe`` (block by block, true-sequential by default)."""
 
     needs_inputs = True
-    shares_inputs = True
 
     def __init__(self, recipe: GPTQ, *, report_rtn_loss: bool = False,
                  scale_dtype: torch.dtype | None = None) -> None:
@@ -52,7 +51,7 @@ class GPTQModifier(WeightModifier):
 
     # ---- statistics -----------------------------------------------------------------------
 
-    def new_state(self, t: Target, x: torch.Tensor) -> Any:
+    def new_core_state(self, t: Target, x: torch.Tensor) -> Any:
         """A Hessian accumulator for ``t``'s activations ``x``: on x's GPU when the CUDA core
         loads (no host copy of activations) unless the recipe offloads Hessians, else the CPU
         core (which copies the activations to the host)."""
@@ -62,14 +61,11 @@ class GPTQModifier(WeightModifier):
             _warn_cpu_fallback()
         return solver.HessianAccumulator(x.shape[-1])
 
-    def add_inputs(self, t: Target, state: Any, rows: list[torch.Tensor], label: str) -> None:
-        """Adds the samples one at a time, in order: the accumulator rescales its running sum
-        per batch, so stacked samples give bit for bit the Hessian of the per-sample path (at
-        the same cost as one big batch)."""
-        for part in rows:
-            self._add(t.name, state, part, label)
-
-    def _add(self, name: str, acc: Any, x: torch.Tensor, label: str) -> None:
+    def add_core(self, t: Target, acc: Any, x: torch.Tensor, label: str) -> None:
+        """Adds one sample: the accumulator rescales its running sum per batch, so samples
+        added one at a time from a stacked pass give bit for bit the Hessian of the per-sample
+        path (at the same cost as one big batch)."""
+        name = t.name
         t0 = time.perf_counter()
         try:
             # the core scans for NaN/Inf itself; torch re-checks only to name the culprit
@@ -93,6 +89,8 @@ class GPTQModifier(WeightModifier):
         w, _ = self.weight_of(t)
         a: QuantizationArgs = t.args
         samples = t.state.samples if t.state is not None else 0
+        if a.type == "float":  # FP8 weights: no integer grid for GPTQ to solve on
+            return self.quantize_rtn(t, subset, note="FP8 weights are rounded to nearest")
         if samples == 0:
             if self.recipe.unreached_policy == "error":
                 raise UnreachedLayerError(
@@ -103,10 +101,10 @@ class GPTQModifier(WeightModifier):
             warnings.warn(f"layer {t.name!r}: {note}", UserWarning, stacklevel=2)
             return self.quantize_rtn(t, subset, note=note)
         t0 = time.perf_counter()
-        h = t.state.hessian()
+        h = t.state.core.hessian()
         # the GPU solver takes the Hessian where it was accumulated; its MSE grid search is not
         # ported yet, so that observer solves on the CPU
-        on_gpu = isinstance(t.state, fqcuda.HessianAccumulator) and a.observer != "mse"
+        on_gpu = isinstance(t.state.core, fqcuda.HessianAccumulator) and a.observer != "mse"
         backend: Any = fqcuda if on_gpu else solver
         res = backend.gptq_quantize(
             w, h, bits=a.num_bits, symmetric=a.symmetric, group_size=a.effective_group_size,
