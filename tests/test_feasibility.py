@@ -170,16 +170,15 @@ def test_check_feasible_agrees_with_save(tmp_path: Path, fmt: str, gs: int) -> N
 
 
 @pytest.mark.parametrize("scheme, what", [
-    ("W8A8", "input_activations int8 per-token dynamic (symmetric)"),
-    ("W8A8_STATIC", "input_activations int8 per-tensor static (symmetric, static_minmax)"),
-    ("FP8", ("weights fp8 per-tensor static (symmetric, minmax), input_activations fp8 "
-             "per-tensor static (symmetric, static_minmax)")),
-    ("FP8_DYNAMIC", ("weights fp8 per-channel static (symmetric, minmax), input_activations "
-                     "fp8 per-token dynamic (symmetric)")),
-    ("W4A8", "input_activations int8 per-token dynamic (symmetric)"),
-    ("W4AFP8", "input_activations fp8 per-token dynamic (symmetric)"),
+    ("W8A8", ["input activations int8 per-token dynamic (symmetric)"]),
+    ("W8A8_STATIC", ["input activations int8 per-tensor static (symmetric, static_minmax)"]),
+    ("FP8", ["FP8 weights",
+             "input activations fp8 per-tensor static (symmetric, static_minmax)"]),
+    ("FP8_DYNAMIC", ["FP8 weights", "input activations fp8 per-token dynamic (symmetric)"]),
+    ("W4A8", ["input activations int8 per-token dynamic (symmetric)"]),
+    ("W4AFP8", ["input activations fp8 per-token dynamic (symmetric)"]),
 ])
-def test_gptq_refuses_activation_schemes_before_calibration(scheme: str, what: str) -> None:
+def test_gptq_refuses_activation_schemes_before_calibration(scheme: str, what: list[str]) -> None:
     model = tiny_llama(hidden=128, inter=256)
     recipe = GPTQ(scheme=scheme)
     layers = _layers(model, scheme=scheme)
@@ -187,8 +186,8 @@ def test_gptq_refuses_activation_schemes_before_calibration(scheme: str, what: s
         check_feasible(layers, "gptq", "gptq", hint="cli", recipe=recipe)
     assert str(ei.value) == (
         "the GPTQ format holds integer weights only, but the recipe also quantizes:\n"
-        f"  config group 'group_0' (targets ['Linear']): {what}\n"
-        "ways out: --format compressed-tensors (which holds FP8 weights, activation and "
+        + "".join(f"  config group 'group_0': {w}\n" for w in what)
+        + "ways out: --format compressed-tensors (which holds FP8 weights, activation and "
         "KV-cache scales)")
     check_feasible(layers, "compressed-tensors", None, hint="cli", recipe=recipe)
 
@@ -197,7 +196,7 @@ def test_gptq_refuses_a_kv_cache_scheme_and_fp8_layers() -> None:
     model = tiny_llama(hidden=128, inter=256)
     recipe = GPTQ(scheme={"W4A16": ["re:.*mlp.*"]},
                   kv_cache_scheme={"num_bits": 8, "type": "float", "strategy": "attn_head"})
-    with pytest.raises(CheckpointError, match=r"quantizes:\n  kv_cache_scheme: fp8 per-head "
+    with pytest.raises(CheckpointError, match=r"quantizes:\n  kv_cache_scheme fp8 per-head "
                        r"static \(symmetric\)\nways out: format='compressed-tensors'"):
         check_feasible(target_layers(model, recipe), "gptq", "gptq_v2", hint="api", recipe=recipe)
     # without the recipe (a checkpoint's layers), FP8 weights are refused layer by layer

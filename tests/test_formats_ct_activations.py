@@ -12,11 +12,9 @@ from pathlib import Path
 import ferroquant.formats as fmt
 import pytest
 import torch
-from ferroquant import activations, solver
-from ferroquant.activations import ActivationQuantizer, KVCacheQuantizer
+from ferroquant import activations, quantize
 from ferroquant.config import GPTQ
 from ferroquant.formats.common import CheckpointError
-from ferroquant.quantized import ATTR, QuantizedWeight
 from safetensors.torch import load_file
 from test_formats_common import block_linears, ids_for, logits, tiny_llama
 from torch import nn
@@ -30,66 +28,6 @@ KV_FP8 = {"num_bits": 8, "type": "float", "strategy": "tensor"}
 def _model() -> nn.Module:
     # 128 wide so every preset's group 128 fits; two KV heads of four query heads
     return tiny_llama(hidden=128, inter=256, heads=4, kv=2)
-
-
-def _fp8_weight(w: torch.Tensor, args, dtype: torch.dtype) -> QuantizedWeight:
-    """FP8 E4M3 round-to-nearest, one scale per tensor or per row, in the storage dtype."""
-    absmax = w.abs().amax().reshape(1, 1) if args.strategy == "tensor" else w.abs().amax(1, keepdim=True)
-    scale = (absmax / FP8_MAX).to(dtype).float()
-    codes = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return QuantizedWeight(codes, scale, torch.zeros(scale.shape, dtype=torch.int32),
-                           torch.zeros(w.shape[1], dtype=torch.int32), args)
-
-
-def _int_weight(name: str, w: torch.Tensor, args) -> QuantizedWeight:
-    r = solver.rtn_quantize(w, bits=args.num_bits, symmetric=args.symmetric,
-                            group_size=args.effective_group_size, name=name)
-    return QuantizedWeight(r.codes.to(torch.uint8), r.scales, r.zeros.to(torch.int32),
-                           r.g_idx.to(torch.int32), args)
-
-
-def quantize_by_hand(model: nn.Module, recipe: GPTQ, ids: torch.Tensor) -> nn.Module:
-    """What ``ferroquant.quantize(..., method="rtn")`` leaves behind, built from its parts:
-    weights rounded to nearest (``fq_quant``, dequantized values written back), then the
-    static activation and KV scales calibrated on ``ids`` through the activation quantizers'
-    own observers, and everything attached and enabled."""
-    dtype = model.dtype
-    groups = recipe.resolved_groups()
-    inputs: list[tuple[nn.Module, ActivationQuantizer]] = []
-    for name in block_linears(model):
-        mod = model.get_submodule(name)
-        scheme = recipe.scheme_for(name, mod, groups=groups)
-        if scheme is None:
-            continue
-        w = mod.weight.data.float()
-        q = (_fp8_weight(w, scheme.weights, dtype) if scheme.weights.type == "float"
-             else _int_weight(name, w, scheme.weights))
-        mod.weight.data = q.dequantize(dtype)
-        setattr(mod, ATTR, q)
-        if scheme.input_activations is not None:
-            inputs.append((mod, ActivationQuantizer(scheme.input_activations)))
-    kvs = []
-    if recipe.kv_cache_scheme is not None:
-        for _, attn in activations.attention_modules(model):
-            kv = KVCacheQuantizer.for_args(recipe.kv_cache_scheme)
-            kv.observing, kv.storage_dtype = True, dtype
-            activations.attach(attn, kv=kv)
-            kvs.append(kv)
-    hooks = [m.register_forward_pre_hook(
-        lambda _m, a, q=q: q.observe(a[0].detach().reshape(-1, a[0].shape[-1])))
-        for m, q in inputs]
-    with torch.no_grad():
-        model(input_ids=ids)
-    for h in hooks:
-        h.remove()
-    for mod, q in inputs:
-        q.freeze(dtype)
-        q.enabled = True
-        activations.attach(mod, input=q)
-    for kv in kvs:
-        kv.freeze()
-    model.fq_recipe = recipe
-    return model
 
 
 CASES = {
@@ -118,12 +56,15 @@ FORMATS = {"W8A8": "int-quantized", "W8A8_STATIC": "int-quantized",
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[nn.Module, Path]]:
-    """Every case quantized once and saved as compressed-tensors."""
+    """Every case quantized once for compressed-tensors (round to nearest; GPTQ for W4A8) and
+    saved."""
     out = {}
     calib = ids_for(96, n=16, seed=7)
     for case, recipe in CASES.items():
-        model = quantize_by_hand(_model(), recipe, calib)
-        d = fmt.save(model, tmp_path_factory.mktemp("ct") / case, format="compressed-tensors")
+        model = _model()
+        quantize(model, recipe, calib, method="gptq" if case == "W4A8" else "rtn",
+                 format="compressed-tensors", show_progress=False)
+        d = fmt.save(model, tmp_path_factory.mktemp("ct") / case)
         out[case] = (model, d)
     return out
 
@@ -337,10 +278,9 @@ def test_gptq_refuses_what_only_compressed_tensors_holds(saved, tmp_path: Path) 
         fmt.save(model, tmp_path / "g", format="gptq")
     msg = str(ei.value)
     assert msg.startswith("the GPTQ format holds integer weights only, but the model also quantizes:")
-    assert ("model.layers.0.self_attn.q_proj and 13 more layer(s): weights fp8 per-tensor static "
-            "(symmetric, minmax), input_activations fp8 per-tensor static (symmetric, "
-            "static_minmax)") in msg
-    assert "kv_cache_scheme: fp8 per-head static" in msg
+    assert ("model.layers.0.self_attn.q_proj and 13 more layer(s): FP8 weights, input "
+            "activations fp8 per-tensor static (symmetric, static_minmax)") in msg
+    assert "kv_cache_scheme fp8 per-head static" in msg
     assert msg.endswith("ways out: format='compressed-tensors' (which holds FP8 weights, "
                         "activation and KV-cache scales)")
     assert not (tmp_path / "g").exists()
@@ -377,8 +317,8 @@ def test_convert_keeps_the_scales_and_refuses_gptq(saved, tmp_path: Path) -> Non
     out = fmt.convert(d, tmp_path / "c", format="compressed-tensors")
     ids = ids_for(96)
     assert torch.equal(logits(fmt.load(out), ids), logits(model, ids))
-    with pytest.raises(CheckpointError, match=r"(?s)but .* also quantizes:.*input_activations "
-                       r"int8 per-token dynamic.*kv_cache_scheme: fp8 per-tensor static.*ways "
+    with pytest.raises(CheckpointError, match=r"(?s)but .* also quantizes:.*input activations "
+                       r"int8 per-token dynamic.*kv_cache_scheme fp8 per-tensor static.*ways "
                        r"out: --format compressed-tensors"):
         fmt.convert(d, tmp_path / "g", format="gptq", hint="cli")
 

@@ -25,7 +25,6 @@ __all__ = [
     "check_gptq_holds",
     "format_of",
     "layer_extras",
-    "recipe_extras",
     "resolve_checkpoint_format",
     "scale_dtype_for",
 ]
@@ -157,41 +156,26 @@ def _fitting_group_size(layers: list[TargetLayer]) -> int | None:
     return best
 
 
-def recipe_extras(recipe: Any) -> list[str]:
-    """What ``recipe`` quantizes besides integer weights, one line per config group with FP8
-    weights or quantized activations, and one for a ``kv_cache_scheme``."""
-    lines = []
-    for key, g in recipe.resolved_groups().items():
-        parts = [f"weights {g.weights.describe()}"] if g.weights.type == "float" else []
-        parts += [f"{kind} {a.describe()}" for kind in ("input_activations", "output_activations")
-                  if (a := getattr(g, kind)) is not None]
-        if parts:
-            lines.append(f"config group {key!r} (targets {g.targets}): {', '.join(parts)}")
-    if recipe.kv_cache_scheme is not None:
-        lines.append(f"kv_cache_scheme: {recipe.kv_cache_scheme.describe()}")
-    return lines
-
-
 def layer_extras(layers: dict[str, Any], kv_cache: Any) -> list[str]:
-    """The same for quantized layers (``LayerCodes`` with their activation quantizers) and a
-    KV-cache scheme (``ActivationArgs`` or None): one line per distinct combination."""
+    """What quantized layers (``LayerCodes`` with their activation quantizers) and a KV-cache
+    scheme (``ActivationArgs`` or None) hold besides integer weights, one line per distinct
+    combination: a model's or checkpoint's :meth:`~ferroquant.config.GPTQ.beyond_integer_weights`."""
     by: dict[str, list[str]] = {}
     for name, la in layers.items():
-        parts = [f"weights {la.args.describe()}"] if la.args.type == "float" else []
-        parts += [f"{kind} {q.args.describe()}" for kind, q in
-                  (("input_activations", la.input_act), ("output_activations", la.output_act))
-                  if q is not None]
+        parts = ["FP8 weights"] if la.args.type == "float" else []
+        parts += [f"{kind} activations {q.args.describe()}" for kind, q in
+                  (("input", la.input_act), ("output", la.output_act)) if q is not None]
         if parts:
             by.setdefault(", ".join(parts), []).append(name)
     lines = [(f"{names[0]} and {len(names) - 1} more layer(s)" if len(names) > 2
               else ", ".join(names)) + f": {what}" for what, names in by.items()]
     if kv_cache is not None:
-        lines.append(f"kv_cache_scheme: {kv_cache.describe()}")
+        lines.append(f"kv_cache_scheme {kv_cache.describe()}")
     return lines
 
 
 def check_gptq_holds(extras: list[str], *, hint: Hint, what: str = "the recipe") -> None:
-    """Raise :class:`CheckpointError` when ``extras`` (:func:`recipe_extras`,
+    """Raise :class:`CheckpointError` when ``extras`` (a recipe's ``beyond_integer_weights()``,
     :func:`layer_extras`) is not empty: the GPTQ format holds integer weights only."""
     if not extras:
         return
@@ -210,12 +194,12 @@ def check_feasible(layers: list[TargetLayer] | list[tuple[Any, ...]], format: st
     arguments). The other format is suggested only when it holds every offending layer (and
     ``suggest_other_format``: not when converting from it). With ``recipe`` (a
     :class:`~ferroquant.config.GPTQ`), GPTQ first refuses what it quantizes besides integer
-    weights (:func:`recipe_extras`)."""
+    weights (:meth:`~ferroquant.config.GPTQ.beyond_integer_weights`)."""
     fmt = canonical_format(format)
     version = 0
     if fmt == "gptq":
         if recipe is not None:
-            check_gptq_holds(recipe_extras(recipe), hint=hint)
+            check_gptq_holds(recipe.beyond_integer_weights(), hint=hint)
         version = gptq.version_of(checkpoint_format or "gptq")
     tl = [la if isinstance(la, TargetLayer) else TargetLayer(*la) for la in layers]
     bad = [(la, p) for la in tl if (p := _problem(fmt, version, la)) is not None]
