@@ -95,6 +95,9 @@ def test_fq_load_equals_the_in_memory_model(saved, case: str) -> None:
                 assert torch.equal(ia.scale, ib.scale)
     kv = {n: m.__dict__.get("fq_kv") for n, m in activations.attention_modules(loaded)}
     assert all((q is None) is (CASES[case].kv_cache_scheme is None) for q in kv.values())
+    prompt = ids[:1, :4]
+    assert torch.equal(loaded.generate(prompt, max_new_tokens=5, do_sample=False),
+                       model.generate(prompt, max_new_tokens=5, do_sample=False))
     # and what was attached is what makes the difference: without it the logits change
     assert activations.detach(loaded) > 0
     assert not torch.equal(logits(loaded, ids), ref)
@@ -196,6 +199,27 @@ def test_transformers_loads_it(saved, case: str) -> None:
     err = float((got - ref).abs().max())
     assert err <= float(torch.finfo(torch.float32).eps) * float(ref.abs().max()), err
     assert abs(_ppl(hf, ids) / _ppl(model, ids) - 1) < 1e-6
+
+
+@pytest.mark.parametrize("case", ["W8A8_STATIC", "FP8_DYNAMIC"])
+def test_bfloat16_model_three_ways(tmp_path: Path, case: str) -> None:
+    """In bfloat16 too (scales stored and activations fake-quantized in the model dtype): the
+    in-memory model, ``fq.load`` and transformers + compressed-tensors agree bit for bit."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    model = _model()
+    for p in model.parameters():  # (the rotary buffers stay float32, as from_pretrained has them)
+        p.data = p.data.to(torch.bfloat16)
+    model.config.dtype = torch.bfloat16
+    quantize(model, CASES[case], ids_for(96, n=16, seed=7), method="rtn",
+             format="compressed-tensors", show_progress=False)
+    d = fmt.save(model, tmp_path / "b")
+    ids = ids_for(96)
+    ref = logits(model, ids)
+    assert torch.equal(logits(fmt.load(d), ids), ref)
+    hf = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.bfloat16).eval()
+    assert torch.equal(logits(hf, ids), ref)
 
 
 @pytest.mark.parametrize("case", ["W8A8+kv_fp8", "FP8+kv_heads"])
@@ -372,3 +396,15 @@ def test_reads_what_compressed_tensors_writes(tmp_path: Path) -> None:
     assert sorted(g["format"] for g in qc["config_groups"].values()) == [
         "float-quantized", "int-quantized", "int-quantized"]
     assert torch.equal(logits(fmt.load(tmp_path / "c"), ids), ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", ["W8A8_STATIC_ASYM", "FP8+kv_heads"])
+def test_load_on_cuda(saved, case: str) -> None:
+    """The activation and KV quantizers' scales are created where the model goes."""
+    model, d = saved[case]
+    cuda = fmt.load(d, device="cuda")
+    ids = ids_for(96)
+    got = logits(cuda, ids.cuda()).cpu()
+    assert torch.allclose(got, logits(model, ids), rtol=1e-4, atol=1e-4)
+    assert cuda.generate(ids[:1, :3].cuda(), max_new_tokens=4, do_sample=False).shape == (1, 7)
