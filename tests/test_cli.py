@@ -580,21 +580,26 @@ def test_quantize_device_defaults_to_auto():
 
 
 @needs_data
-def test_inspect_imports_neither_transformers_nor_the_pipeline(quantized):
+@pytest.mark.parametrize("fixture, fmt", [("quantized", "compressed-tensors"),
+                                          ("quantized_gptq", "gptq")])
+def test_inspect_imports_neither_torch_nor_transformers(request, fixture, fmt):
+    # inspect reads headers only: starting torch would cost it seconds
+    ckpt = request.getfixturevalue(fixture)
     env = dict(os.environ)
     env["PYTHONPATH"] = str(Path(cli.__file__).resolve().parents[1]) + os.pathsep + \
         env.get("PYTHONPATH", "")
     code = ("import sys\nfrom ferroquant import cli\n"
             "print('after import:', 'torch' in sys.modules, 'transformers' in sys.modules)\n"
-            f"cli.main(['inspect', {str(quantized)!r}, '--quiet'])\n"
-            "print('after inspect:', 'transformers' in sys.modules, "
+            f"cli.main(['inspect', {str(ckpt)!r}, '--quiet'])\n"
+            f"cli.main(['inspect', {str(ckpt)!r}, '--json'])\n"
+            "print('after inspect:', 'torch' in sys.modules, 'transformers' in sys.modules, "
             "'ferroquant.pipeline' in sys.modules)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "after import: False False" in proc.stdout
-    assert "after inspect: False False" in proc.stdout
-    assert "format: compressed-tensors" in proc.stdout
+    assert "after inspect: False False False" in proc.stdout
+    assert f"format: {fmt}" in proc.stdout
 
 
 @needs_data

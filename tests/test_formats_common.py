@@ -253,6 +253,29 @@ def test_safetensors_header_validation(tmp_path: Path) -> None:
         read_safetensors_header(p)
 
 
+def test_header_files_read_without_torch(tmp_path: Path) -> None:
+    from ferroquant.headers.files import HeaderFiles
+
+    shape = struct.pack("<2q", 172, 64)
+    _write_st(tmp_path / "model.safetensors",
+              {"s": {"dtype": "I64", "shape": [2], "data_offsets": [0, 16]},
+               "w": {"dtype": "F16", "shape": [2, 2], "data_offsets": [16, 24]}}, shape + bytes(8))
+    files = HeaderFiles(tmp_path)
+    assert files.read_ints("s") == [172, 64]
+    assert (files.info("w").dtype_name, files.info("w").nbytes) == ("float16", 8)
+    files.expect("w", ("F16", "F32"), (2, 2))
+    with pytest.raises(CheckpointError, match="'w' has dtype float16, expected int32 or int64"):
+        files.expect("w", ("I32", "I64"), None)
+    # torch dtypes are accepted too (by name: the header module does not import torch)
+    files.expect("w", (torch.float32, torch.float16), (2, 2))
+    with pytest.raises(CheckpointError, match="'s' has dtype int64, expected float8_e4m3fn"):
+        files.expect("s", torch.float8_e4m3fn, None)
+    with pytest.raises(CheckpointError, match="expected an integer dtype"):
+        files.read_ints("w")
+    # the torch-side reader is the same header check plus tensor reading
+    assert torch.equal(CheckpointFiles(tmp_path).get("s"), torch.tensor([172, 64]))
+
+
 def test_checkpoint_files_missing_shard(tmp_path: Path) -> None:
     _write_st(tmp_path / "model-00001-of-00002.safetensors",
               {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, bytes(4))

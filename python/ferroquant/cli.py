@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -42,18 +41,10 @@ class UserError(Exception):
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    from .models import ModelLoadError
-
-    types: list[type[BaseException]] = [UserError, ModelLoadError, FileNotFoundError,
-                                        FileExistsError, NotADirectoryError, IsADirectoryError,
-                                        PermissionError, NotImplementedError, ValueError]
-    try:
-        from .formats import CheckpointError
-
-        types.append(CheckpointError)
-    except ImportError:  # formats not importable: its errors cannot occur either
-        pass
-    return tuple(types)
+    # ModelLoadError and CheckpointError are ValueErrors: caught here without importing their
+    # modules (and torch) on the way out of a command that never needed them
+    return (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+            PermissionError, NotImplementedError, ValueError)
 
 
 def _message(exc: BaseException) -> str:
@@ -115,7 +106,7 @@ def _scheme(s: str) -> str:
 
 
 def _format(s: str) -> str:
-    from .formats.feasibility import canonical_format
+    from .headers.common import canonical_format
 
     try:
         return canonical_format(s)
@@ -124,7 +115,7 @@ def _format(s: str) -> str:
 
 
 def _checkpoint_format(s: str) -> str:
-    from .formats.feasibility import canonical_checkpoint_format
+    from .headers.common import canonical_checkpoint_format
 
     try:
         return canonical_checkpoint_format(s)
@@ -383,21 +374,15 @@ def _human(n: float) -> str:
     return f"{n:.2f} GiB"
 
 
-_ELEM_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4,
-               "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
-
-
 def inspect_checkpoint(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """What a checkpoint holds, from ``config.json`` and the safetensors headers (no weight data
-    is read; compressed-tensors' 2-integer ``weight_shape`` tensors are): architecture,
-    quantization settings, quantized layers grouped by shape, the Linear layers left in float,
-    other tensors by dtype, and sizes. Every quantized layer's bits, groups and tensor shapes
-    are checked against the config as loading checks them (a mismatch raises
+    is read; compressed-tensors' 2-integer ``weight_shape`` tensors are), without torch:
+    architecture, quantization settings, quantized layers grouped by shape, the Linear layers
+    left in float, other tensors by dtype, and sizes. Every quantized layer's bits, groups and
+    tensor shapes are checked against the config as loading checks them (a mismatch raises
     :class:`~ferroquant.formats.CheckpointError` naming file and tensor)."""
-    from .formats import compressed_tensors as ct
-    from .formats import gptq
-    from .formats.common import CheckpointFiles, read_json
-    from .formats.feasibility import format_of
+    from .headers.common import format_of
+    from .headers.files import HeaderFiles, read_json
 
     d = Path(directory)
     if not d.is_dir():
@@ -410,62 +395,41 @@ def inspect_checkpoint(directory: str | os.PathLike[str]) -> dict[str, Any]:
     if qc is None and (d / "quantize_config.json").is_file():
         source = str(d / "quantize_config.json")
         qc = read_json(d / "quantize_config.json")
-    files = CheckpointFiles(d)
+    files = HeaderFiles(d)
     infos = files.tensors
     known = format_of(qc) if isinstance(qc, dict) else None
-    settings: Any = None
+    # the format's own header rules (compressed-tensors' need pydantic: imported only for it)
+    rules: Any = None
     if known == "gptq":
-        fmt, marker = "gptq", ".qweight"
-        settings = gptq.GPTQSettings.from_config(qc, source)
+        from .headers import gptq as rules
+
+        fmt = "gptq"
+        settings: Any = rules.GPTQSettings.from_config(qc, source)
     elif known == "compressed-tensors":
-        fmt, marker = "compressed-tensors", ".weight_packed"
-        settings = ct.CTSettings(qc, source)
+        from .headers import compressed_tensors as rules
+
+        fmt = "compressed-tensors"
+        settings = rules.CTSettings(qc, source)
     elif qc:
-        fmt, marker = str(qc.get("quant_method") or "unknown"), None
+        fmt = str(qc.get("quant_method") or "unknown")
     else:
-        fmt, marker = "float", None
+        fmt = "float"
 
     layers: list[dict[str, Any]] = []
-    if marker:
-        for name in sorted(infos):
-            if not name.endswith(marker):
-                continue
-            prefix = name[: -len(marker)]
-            packed = infos[name].shape
-            # the checks loading does, from the headers
-            if fmt == "gptq":
-                gptq.check_layer_header(files, prefix, settings)
-            else:
-                ct.check_layer_header(files, prefix, settings)
-            if fmt == "gptq":
-                scales = infos.get(prefix + ".scales")
-                out_f = packed[1] if len(packed) == 2 else None
-                gidx = infos.get(prefix + ".g_idx")
-                in_f = gidx.shape[0] if gidx is not None else None
-                n_groups = scales.shape[0] if scales is not None else None
-                packed_words = packed[0] if len(packed) == 2 else None
-            else:
-                scales = infos.get(prefix + ".weight_scale")
-                out_f = packed[0] if len(packed) == 2 else None
-                # the unpacked width is only in weight_shape's 2 integers (the one tensor whose
-                # data is read; the packed header rounds it up to 32-bit words)
-                in_f = None
-                if prefix + ".weight_shape" in infos:
-                    shape = [int(v) for v in files.get(prefix + ".weight_shape").tolist()]
-                    if len(shape) == 2:
-                        out_f, in_f = shape
-                n_groups = scales.shape[1] if scales is not None and len(scales.shape) == 2 \
-                    else None
-                packed_words = packed[1] if len(packed) == 2 else None
-            nbytes = sum(_ELEM_BYTES.get(str(i.dtype).replace("torch.", ""), 4)
-                         * math.prod(i.shape) for n2, i in infos.items()
-                         if n2.startswith(prefix + "."))
-            layers.append({"name": prefix, "out_features": out_f, "in_features": in_f,
-                           "groups": n_groups, "packed_words": packed_words, "bytes": nbytes})
+    for prefix in rules.quantized_prefixes(files) if rules is not None else []:
+        # the checks loading does, from the headers; their shapes are the ones reported
+        h = rules.check_layer_header(files, prefix, settings)
+        # 32-bit words of packed codes (the int8 / FP8 layouts store one code per element)
+        packed = infos.get(prefix + ".qweight") or infos.get(prefix + ".weight_packed")
+        packed_words = None if packed is None else packed.shape[0 if fmt == "gptq" else 1]
+        nbytes = sum(i.nbytes for n2, i in infos.items() if n2.startswith(prefix + "."))
+        layers.append({"name": prefix, "out_features": h.out_features,
+                       "in_features": h.in_features, "groups": h.n_groups,
+                       "packed_words": packed_words, "bytes": nbytes})
     qprefixes = tuple(layer["name"] + "." for layer in layers)
     other = {n: i for n, i in infos.items() if not n.startswith(qprefixes)}
     float_linears = _float_linears(other)
-    other_dtypes = Counter(str(i.dtype).replace("torch.", "") for i in other.values())
+    other_dtypes = Counter(i.dtype_name for i in other.values())
     total = sum(f.stat().st_size for f in {i.file for i in infos.values()})
     return {
         "directory": str(d),
@@ -484,8 +448,7 @@ def inspect_checkpoint(directory: str | os.PathLike[str]) -> dict[str, Any]:
         "unquantized_layers": float_linears if fmt != "float" else [],
         "other_tensors": len(other),
         "other_dtypes": dict(other_dtypes),
-        "other_bytes": sum(_ELEM_BYTES.get(str(i.dtype).replace("torch.", ""), 4)
-                           * math.prod(i.shape) for i in other.values()),
+        "other_bytes": sum(i.nbytes for i in other.values()),
         "extra_files": sorted(p.name for p in d.iterdir()
                               if p.is_file() and not p.name.endswith(".safetensors")),
     }
@@ -501,7 +464,7 @@ def _float_linears(tensors: dict[str, Any]) -> list[str]:
     for n, i in tensors.items():
         if not n.endswith(".weight") or len(i.shape) != 2:
             continue
-        if str(i.dtype).replace("torch.", "") not in _FLOAT_DTYPES:
+        if i.dtype_name not in _FLOAT_DTYPES:
             continue
         mod = n[: -len(".weight")]
         last = mod.rsplit(".", 1)[-1].lower()

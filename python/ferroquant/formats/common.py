@@ -1,15 +1,13 @@
-"""Shared pieces of the checkpoint writers and readers: the error type, atomic directory
-writing, validated safetensors reading, tokenizer/recipe files and small helpers."""
+"""Shared pieces of the checkpoint writers and readers: atomic directory writing, safetensors
+reading on top of the torch-free header checks, tokenizer/recipe files and small helpers."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
 import shutil
-import struct
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -19,12 +17,16 @@ from typing import Any
 
 import torch
 
+# the torch-free header rules, re-exported here where the writers and readers import them from
+from ..headers.common import n_groups_for  # noqa: F401
+from ..headers.files import (  # noqa: F401
+    CheckpointError,
+    HeaderFiles,
+    TensorInfo,
+    read_json,
+    read_safetensors_header,
+)
 from ..quantized import QuantizedWeight
-
-
-class CheckpointError(ValueError):
-    """A checkpoint on disk is malformed or disagrees with its config (names file and tensor)."""
-
 
 # ---------------------------------------------------------------------------------------------
 # In-memory quantized layer, format independent.
@@ -73,10 +75,6 @@ def default_g_idx(in_features: int, group_size: int) -> torch.Tensor:
     return torch.arange(in_features, dtype=torch.int32) // group_size
 
 
-def n_groups_for(in_features: int, group_size: int) -> int:
-    return 1 if group_size <= 0 else math.ceil(in_features / group_size)
-
-
 # ---------------------------------------------------------------------------------------------
 # Sizes, json, files.
 
@@ -97,19 +95,6 @@ def parse_size(size: int | str | None) -> int | None:
         raise ValueError(f"max_shard_size {size!r}: expected an int or a size like '2GB' or '500MiB'")
     unit = m.group(2).upper() if m.group(2) else None
     return int(float(m.group(1)) * _SIZE_UNITS[unit])
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object at top level")
-    return data
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -265,158 +250,14 @@ def _fsync_dir(path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # Validated safetensors reading.
 
-_ST_DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2), "I64": (torch.int64, 8), "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2), "I8": (torch.int8, 1), "U8": (torch.uint8, 1),
-    "BOOL": (torch.bool, 1), "F8_E4M3": (torch.float8_e4m3fn, 1), "F8_E5M2": (torch.float8_e5m2, 1),
-    "U16": (torch.uint16, 2), "U32": (torch.uint32, 4), "U64": (torch.uint64, 8),
-}
-_MAX_HEADER = 100 * 1024 * 1024
 
-
-@dataclass
-class TensorInfo:
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    file: Path
-
-
-def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse and check a safetensors header against the file's real size.
-
-    Raises CheckpointError naming the file and the tensor for: a file too short for its
-    header, a header that is not JSON, an unknown dtype, a byte range that does not match
-    shape x dtype, ranges that overlap or leave holes, and data that runs past the end of the
-    file (a truncated file)."""
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: safetensors file not found") from None
-    if size < 8:
-        raise CheckpointError(f"{path}: truncated ({size} bytes, shorter than the 8-byte header size)")
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > _MAX_HEADER or 8 + n > size:
-            raise CheckpointError(
-                f"{path}: header length {n} runs past the end of the file ({size} bytes): truncated or corrupt"
-            )
-        raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: header is not a JSON object")
-    data_len = size - 8 - n
-    out: dict[str, TensorInfo] = {}
-    spans = []
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        if not isinstance(meta, dict):
-            raise CheckpointError(f"{path}: tensor '{name}': header entry is not an object")
-        dt = _ST_DTYPES.get(meta.get("dtype"))  # type: ignore[arg-type]
-        if dt is None:
-            raise CheckpointError(f"{path}: tensor '{name}': unknown dtype {meta.get('dtype')!r}")
-        shape = meta.get("shape")
-        offs = meta.get("data_offsets")
-        if (
-            not isinstance(shape, list)
-            or not all(isinstance(s, int) and s >= 0 for s in shape)
-            or not isinstance(offs, list)
-            or len(offs) != 2
-            or not all(isinstance(o, int) for o in offs)
-        ):
-            raise CheckpointError(f"{path}: tensor '{name}': malformed shape/data_offsets in header")
-        begin, end = offs
-        nbytes = math.prod(shape) * dt[1]
-        if begin < 0 or end < begin or end - begin != nbytes:
-            raise CheckpointError(
-                f"{path}: tensor '{name}': header says bytes [{begin}, {end}) but shape {shape} "
-                f"{meta['dtype']} needs {nbytes} bytes"
-            )
-        if end > data_len:
-            raise CheckpointError(
-                f"{path}: tensor '{name}': data ends at byte {end} of the data section but the file "
-                f"holds only {data_len} (truncated file?)"
-            )
-        spans.append((begin, end, name))
-        out[name] = TensorInfo(name, dt[0], tuple(shape), path)
-    spans.sort()
-    pos = 0
-    for begin, end, name in spans:
-        if begin != pos:
-            what = "overlaps the previous tensor" if begin < pos else "leaves a gap before it"
-            raise CheckpointError(f"{path}: tensor '{name}': byte range [{begin}, {end}) {what}")
-        pos = end
-    if pos != data_len:
-        raise CheckpointError(
-            f"{path}: data section is {data_len} bytes but the header accounts for {pos}"
-        )
-    return out
-
-
-class CheckpointFiles:
-    """The safetensors files of a checkpoint directory (single file or sharded with an index),
-    with every header validated up front. Tensors are read lazily (memory-mapped)."""
+class CheckpointFiles(HeaderFiles):
+    """:class:`~ferroquant.headers.files.HeaderFiles` that also reads tensors (lazily,
+    memory-mapped)."""
 
     def __init__(self, directory: str | os.PathLike, stem: str = "model") -> None:
-        self.dir = Path(directory)
-        if not self.dir.is_dir():
-            raise CheckpointError(f"{self.dir}: not a directory")
-        index = self.dir / f"{stem}.safetensors.index.json"
-        single = self.dir / f"{stem}.safetensors"
-        self.tensors: dict[str, TensorInfo] = {}
-        if index.is_file():
-            idx = read_json(index)
-            wm = idx.get("weight_map")
-            if not isinstance(wm, dict) or not wm:
-                raise CheckpointError(f"{index}: missing or empty 'weight_map'")
-            by_file: dict[str, list[str]] = {}
-            for tname, fname in wm.items():
-                if not isinstance(fname, str) or "/" in fname or "\\" in fname or fname.startswith("."):
-                    raise CheckpointError(f"{index}: tensor '{tname}': bad shard file name {fname!r}")
-                by_file.setdefault(fname, []).append(tname)
-            for fname, names in sorted(by_file.items()):
-                shard = self.dir / fname
-                if not shard.is_file():
-                    raise CheckpointError(
-                        f"{shard}: shard listed in {index.name} is missing (it should hold "
-                        f"'{names[0]}' and {len(names) - 1} more tensors)"
-                    )
-                header = read_safetensors_header(shard)
-                for tname in names:
-                    if tname not in header:
-                        raise CheckpointError(
-                            f"{shard}: tensor '{tname}' is listed in {index.name} but not in the file"
-                        )
-                for tname, info in header.items():
-                    if wm.get(tname) != fname:
-                        raise CheckpointError(
-                            f"{shard}: tensor '{tname}' is in the file but {index.name} maps it to "
-                            f"{wm.get(tname)!r}"
-                        )
-                    self.tensors[tname] = info
-        elif single.is_file():
-            self.tensors = read_safetensors_header(single)
-        else:
-            found = sorted(p.name for p in self.dir.glob("*.safetensors"))
-            raise CheckpointError(
-                f"{self.dir}: no {single.name} or {index.name}"
-                + (f" (found {found})" if found else "")
-            )
+        super().__init__(directory, stem)
         self._handles: dict[Path, Any] = {}
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
-    def names(self) -> list[str]:
-        return list(self.tensors)
-
-    def info(self, name: str) -> TensorInfo:
-        return self.tensors[name]
 
     def get(self, name: str) -> torch.Tensor:
         from safetensors import SafetensorError, safe_open
@@ -435,20 +276,3 @@ class CheckpointFiles:
             return h.get_tensor(name)
         except (OSError, SafetensorError) as e:
             raise CheckpointError(f"{info.file}: tensor '{name}': cannot read ({e})") from None
-
-    def expect(self, name: str, dtype: torch.dtype | tuple[torch.dtype, ...] | None,
-               shape: tuple[int, ...] | None, why: str = "") -> TensorInfo:
-        """Check presence, dtype and shape of a tensor from the header alone."""
-        info = self.tensors.get(name)
-        if info is None:
-            raise CheckpointError(f"{self.dir}: tensor '{name}' is missing{(' (' + why + ')') if why else ''}")
-        if dtype is not None:
-            ok = info.dtype in dtype if isinstance(dtype, tuple) else info.dtype == dtype
-            if not ok:
-                raise CheckpointError(f"{info.file}: tensor '{name}' has dtype {info.dtype}, expected {dtype}")
-        if shape is not None and tuple(info.shape) != tuple(shape):
-            raise CheckpointError(
-                f"{info.file}: tensor '{name}' has shape {list(info.shape)}, expected {list(shape)}"
-                + (f" ({why})" if why else "")
-            )
-        return info

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..activations import ActivationQuantizer, KVCacheQuantizer, attention_like, attention_modules
-from ..config import OBSERVERS, ActivationArgs
+from ..config import ActivationArgs
 from .common import CheckpointError, CheckpointFiles
 
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -44,26 +44,6 @@ def args_dict(a: ActivationArgs) -> dict[str, Any]:
     if a.observer_kwargs:
         d["observer_kwargs"] = dict(a.observer_kwargs)
     return d
-
-
-def args_from_dict(d: Any, where: str) -> ActivationArgs:
-    """A config's activation arguments; observers ferroquant does not know are dropped (the
-    scales are in the checkpoint already)."""
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{where}: expected quantization arguments, got {d!r}")
-    try:
-        return ActivationArgs(
-            num_bits=int(d.get("num_bits", 8)),
-            type=d.get("type", "int"),
-            symmetric=bool(d.get("symmetric", True)),
-            strategy=d.get("strategy"),
-            group_size=d.get("group_size"),
-            dynamic=d.get("dynamic", False),
-            observer=d.get("observer") if not d.get("dynamic") and d.get("observer") in OBSERVERS
-            else None,
-        )
-    except (TypeError, ValueError) as e:  # pydantic's ValidationError is a ValueError
-        raise CheckpointError(f"{where}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
-"""What a checkpoint format can hold, decided before any calibration: the format and GPTQ
-version names, the dtype scales are stored in, the layers a recipe will quantize, whether
-every one of them fits the chosen layout (all offenders reported at once, with ways out), and
-what besides integer weights a recipe or model quantizes (FP8 weights, activations, the KV
-cache), which only compressed-tensors holds."""
+"""What a checkpoint format can hold, decided before any calibration: the dtype scales are
+stored in, the layers a recipe will quantize, whether every one of them fits the chosen layout
+(all offenders reported at once, with ways out), and what besides integer weights a recipe or
+model quantizes (FP8 weights, activations, the KV cache), which only compressed-tensors holds;
+the format and GPTQ version names are re-exported from the torch-free
+:mod:`ferroquant.headers.common`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,13 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
+from ..headers.common import (
+    CHECKPOINT_FORMAT_ALIASES,
+    FORMAT_ALIASES,
+    canonical_checkpoint_format,
+    canonical_format,
+    format_of,
+)
 from . import compressed_tensors as ct
 from . import gptq
 from .common import CheckpointError
@@ -29,51 +37,9 @@ __all__ = [
     "scale_dtype_for",
 ]
 
-# Every spelling accepted anywhere (API, CLI, a checkpoint's config) -> the canonical name.
-FORMAT_ALIASES = {
-    "gptq": "gptq",
-    "compressed-tensors": "compressed-tensors",
-    "compressed_tensors": "compressed-tensors",
-    "ct": "compressed-tensors",
-    "pack-quantized": "compressed-tensors",
-}
-CHECKPOINT_FORMAT_ALIASES = {
-    "gptq": "gptq", "gptq_v1": "gptq", "gptq-v1": "gptq", "v1": "gptq",
-    "gptq_v2": "gptq_v2", "gptq-v2": "gptq_v2", "v2": "gptq_v2",
-}
-
 V2_NOTE = "asymmetric scheme: writing GPTQ v2 (v1 cannot store a zero point of 0)"
 
 Hint = Literal["api", "cli"]
-
-
-def canonical_format(fmt: str) -> str:
-    """'gptq' or 'compressed-tensors' for any accepted spelling; ValueError otherwise."""
-    f = FORMAT_ALIASES.get(str(fmt).lower())
-    if f is None:
-        raise ValueError(f"format {fmt!r}: expected 'gptq' or 'compressed-tensors'")
-    return f
-
-
-def canonical_checkpoint_format(checkpoint_format: str) -> str:
-    """'gptq' (v1) or 'gptq_v2' for any accepted spelling; ValueError otherwise."""
-    cf = CHECKPOINT_FORMAT_ALIASES.get(str(checkpoint_format).lower())
-    if cf is None:
-        raise ValueError(f"checkpoint_format {checkpoint_format!r}: expected 'gptq' / 'v1' "
-                         "or 'gptq_v2' / 'v2'")
-    return cf
-
-
-def format_of(quantization_config: dict[str, Any]) -> str | None:
-    """'gptq' or 'compressed-tensors' for a checkpoint's ``quantization_config`` (GPTQ configs
-    from older writers carry ``bits`` and no ``quant_method``); None for anything else."""
-    method = str(quantization_config.get("quant_method") or quantization_config.get("method")
-                 or "").lower()
-    if method == "gptq" or (not method and "bits" in quantization_config):
-        return "gptq"
-    if method == "compressed-tensors":
-        return "compressed-tensors"
-    return None
 
 
 def model_dtype(model: Any) -> torch.dtype:
