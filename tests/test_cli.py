@@ -603,6 +603,50 @@ def test_inspect_imports_neither_torch_nor_transformers(request, fixture, fmt):
 
 
 @needs_data
+def test_inspect_shows_activation_and_kv_cache_schemes(capsys, tmp_path, quantized):
+    ckpt = tmp_path / "w4a8"
+    ckpt.mkdir()
+    for f in quantized.iterdir():
+        (ckpt / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((ckpt / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    # as compressed-tensors writes them
+    qc["config_groups"]["group_0"]["input_activations"] = {
+        "num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True,
+        "group_size": None, "block_structure": None, "actorder": None, "observer": None,
+        "observer_kwargs": {}}
+    qc["kv_cache_scheme"] = {"num_bits": 8, "type": "float", "strategy": "tensor",
+                             "dynamic": False, "symmetric": True}
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    rc, out, err = run(capsys, "inspect", ckpt)
+    assert rc == 0, err
+    assert "\n    activations: int8 per-token dynamic (symmetric)\n" in out, out
+    assert "\n  kv cache: fp8 per-tensor static (symmetric)\n" in out, out
+    assert "output activations" not in out
+    rc, out, err = run(capsys, "inspect", ckpt, "--json")
+    info = json.loads(out)
+    group = info["config_groups"]["group_0"]
+    fields = ("type", "num_bits", "strategy", "dynamic", "symmetric")
+    assert [group["input_activations"][k] for k in fields] == ["int", 8, "token", True, True]
+    assert group["output_activations"] is None
+    assert [info["kv_cache_scheme"][k] for k in fields] == ["float", 8, "tensor", False, True]
+    # a scheme loading refuses, inspect refuses too, naming it (one line, no traceback)
+    qc["config_groups"]["group_0"]["output_activations"] = {
+        "num_bits": 8, "type": "int", "strategy": "channel", "dynamic": False, "symmetric": False}
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    rc, _, err = run(capsys, "inspect", ckpt)
+    assert rc == 2 and "config_groups.group_0.output_activations: " in err, err
+    assert "Traceback" not in err
+    # weights only: no activation lines, and the JSON says so
+    rc, out, _ = run(capsys, "inspect", quantized)
+    assert "activations:" not in out and "kv cache:" not in out
+    rc, out, _ = run(capsys, "inspect", quantized, "--json")
+    info = json.loads(out)
+    assert info["config_groups"]["group_0"]["input_activations"] is None
+    assert info["kv_cache_scheme"] is None
+
+
+@needs_data
 def test_method_rtn_writes_round_to_nearest_codes(capsys, tmp_path, calib_file):
     import torch
     from ferroquant import solver

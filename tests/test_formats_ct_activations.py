@@ -408,3 +408,22 @@ def test_load_on_cuda(saved, case: str) -> None:
     got = logits(cuda, ids.cuda()).cpu()
     assert torch.allclose(got, logits(model, ids), rtol=1e-4, atol=1e-4)
     assert cuda.generate(ids[:1, :3].cuda(), max_new_tokens=4, do_sample=False).shape == (1, 7)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_inspect_reads_every_layout_from_the_headers(saved, case: str) -> None:
+    from ferroquant import cli
+
+    model, d = saved[case]
+    info = cli.inspect_checkpoint(d)
+    shapes = {la["name"]: (la["out_features"], la["in_features"]) for la in info["quantized_layers"]}
+    linears = {n: m for n, m in model.named_modules() if n in block_linears(model)}
+    assert shapes == {n: (m.out_features, m.in_features) for n, m in linears.items()}
+    text = cli.format_inspection(info)
+    if case.startswith("W8A8") and "STATIC" not in case:
+        assert "    activations: int8 per-token dynamic (symmetric)\n" in text, text
+    if case == "W8A8+kv_fp8":
+        assert info["kv_cache_scheme"]["type"] == "float"
+        assert "\n  kv cache: fp8 per-tensor static" in text, text
+    if case == "FP8":  # static FP8 inputs, their scales calibrated
+        assert "    activations: fp8 per-tensor static (symmetric" in text, text

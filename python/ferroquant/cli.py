@@ -377,10 +377,11 @@ def _human(n: float) -> str:
 def inspect_checkpoint(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """What a checkpoint holds, from ``config.json`` and the safetensors headers (no weight data
     is read; compressed-tensors' 2-integer ``weight_shape`` tensors are), without torch:
-    architecture, quantization settings, quantized layers grouped by shape, the Linear layers
-    left in float, other tensors by dtype, and sizes. Every quantized layer's bits, groups and
-    tensor shapes are checked against the config as loading checks them (a mismatch raises
-    :class:`~ferroquant.formats.CheckpointError` naming file and tensor)."""
+    architecture, quantization settings (activation and KV-cache schemes included), quantized
+    layers grouped by shape, the Linear layers left in float, other tensors by dtype, and
+    sizes. Every quantized layer's bits, groups and tensor shapes are checked against the config
+    as loading checks them (a mismatch raises :class:`~ferroquant.formats.CheckpointError`
+    naming file and tensor)."""
     from .headers.common import format_of
     from .headers.files import HeaderFiles, read_json
 
@@ -431,6 +432,9 @@ def inspect_checkpoint(directory: str | os.PathLike[str]) -> dict[str, Any]:
     float_linears = _float_linears(other)
     other_dtypes = Counter(i.dtype_name for i in other.values())
     total = sum(f.stat().st_size for f in {i.file for i in infos.values()})
+    # activation and KV-cache schemes as loading reads them (compressed-tensors only)
+    groups = settings.groups if fmt == "compressed-tensors" else []
+    kv_cache = settings.kv_cache if fmt == "compressed-tensors" else None
     return {
         "directory": str(d),
         "architectures": cfg.get("architectures"),
@@ -441,6 +445,11 @@ def inspect_checkpoint(directory: str | os.PathLike[str]) -> dict[str, Any]:
         "dtype": cfg.get("dtype") or cfg.get("torch_dtype"),
         "format": fmt,
         "quantization_config": qc,
+        "config_groups": {
+            g.name: {"targets": targets, "input_activations": _args_fields(g.input_activations),
+                     "output_activations": _args_fields(g.output_activations)}
+            for targets, g in groups},
+        "kv_cache_scheme": _args_fields(kv_cache),
         "files": sorted({i.file.name for i in infos.values()}),
         "total_bytes": total,
         "num_tensors": len(infos),
@@ -452,6 +461,18 @@ def inspect_checkpoint(directory: str | os.PathLike[str]) -> dict[str, Any]:
         "extra_files": sorted(p.name for p in d.iterdir()
                               if p.is_file() and not p.name.endswith(".safetensors")),
     }
+
+
+def _args_fields(args: Any) -> dict[str, Any] | None:
+    """An :class:`~ferroquant.config.ActivationArgs` (or None) as JSON fields."""
+    return None if args is None else args.model_dump(mode="json")
+
+
+def _scheme_text(fields: dict[str, Any]) -> str:
+    """``int8 per-token dynamic (symmetric)``: :meth:`ferroquant.config.ActivationArgs.describe`."""
+    from .config import ActivationArgs
+
+    return ActivationArgs.model_validate(fields).describe()
 
 
 _FLOAT_DTYPES = {"float64", "float32", "float16", "bfloat16"}
@@ -474,7 +495,7 @@ def _float_linears(tensors: dict[str, Any]) -> list[str]:
     return sorted(out)
 
 
-def _quant_summary(fmt: str, qc: dict[str, Any] | None) -> list[str]:
+def _quant_summary(fmt: str, qc: dict[str, Any] | None, info: dict[str, Any]) -> list[str]:
     if not isinstance(qc, dict):
         return []
     if fmt == "gptq":
@@ -493,6 +514,13 @@ def _quant_summary(fmt: str, qc: dict[str, Any] | None) -> list[str]:
             lines.append(f"  {gname}: targets={g.get('targets')} num_bits={w.get('num_bits')} "
                          f"strategy={w.get('strategy')} group_size={w.get('group_size')} "
                          f"symmetric={w.get('symmetric')} actorder={w.get('actorder')}")
+            schemes = (info.get("config_groups") or {}).get(gname) or {}
+            for key, label in (("input_activations", "activations"),
+                               ("output_activations", "output activations")):
+                if schemes.get(key):
+                    lines.append(f"    {label}: {_scheme_text(schemes[key])}")
+        if info.get("kv_cache_scheme"):
+            lines.append(f"  kv cache: {_scheme_text(info['kv_cache_scheme'])}")
         if qc.get("ignore"):
             ign = qc["ignore"]
             lines.append(f"  ignore: {ign[:4]}" + (f" and {len(ign) - 4} more"
@@ -508,7 +536,7 @@ def format_inspection(info: dict[str, Any]) -> str:
               f"{info['num_hidden_layers']} layers, hidden {info['hidden_size']}, "
               f"vocab {info['vocab_size']}, dtype {info['dtype']})"),
              f"format: {info['format']}"]
-    lines += _quant_summary(info["format"], info["quantization_config"])
+    lines += _quant_summary(info["format"], info["quantization_config"], info)
     lines.append(f"files: {', '.join(info['files'])} ({_human(info['total_bytes'])}); "
                  f"also {', '.join(info['extra_files'])}")
     layers = info["quantized_layers"]
