@@ -81,7 +81,7 @@ def _fake_hessian_args(n: int = 16, rows: int = 4, **change: object) -> dict:
     args = {
         "h": FakeDeviceArray((n, n)),
         "x": FakeDeviceArray((rows, n)),
-        "flag": FakeDeviceArray((8,), "|u1"),
+        "slot": FakeDeviceArray((24,), "|u1"),
         "samples": 0,
         "batch": 0,
         "stream": 0,
@@ -133,6 +133,8 @@ def test_without_cuda_every_entry_point_raises_runtime_error() -> None:
         _solve(**_fake_solve_args(groups=3), group_size=6, static_groups=True, act_order=True)
     with pytest.raises(RuntimeError, match="CUDA is not available"):
         _core.cuda_hessian_add(**_fake_hessian_args())
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        _core.cuda_hessian_check(F((24,), "|u1"), 16, 0, 0)
     # The layer name is prefixed, as on CPU.
     with pytest.raises(RuntimeError, match="layer 'blk.0.q': CUDA is not available"):
         fqcuda.gptq_quantize(w, h, name="blk.0.q")
@@ -188,9 +190,9 @@ def test_accepted_hessian_batches_get_to_the_cuda_check(change: dict) -> None:
         ({"x": F((4, 16), version=4)}, "x: __cuda_array_interface__ version 4"),
         ({"x": F((4, 16), mask=object())}, "x: __cuda_array_interface__ has a mask"),
         ({"x": F((4, 16), data=8)}, "'data' is not a (pointer, read-only) pair"),
-        ({"flag": F((8,), "|u1", readonly=True)}, "flag: is read-only"),
-        ({"flag": F((4,), "|u1")}, "flag: expected [bytes] = [8], got [4]"),
-        ({"flag": F((8,), "|u1", device=(2, 3))}, "flag: on cuda:3, expected cuda:0"),
+        ({"slot": F((24,), "|u1", readonly=True)}, "slot: is read-only"),
+        ({"slot": F((8,), "|u1")}, "slot: expected [bytes] = [24], got [8]"),
+        ({"slot": F((24,), "|u1", device=(2, 3))}, "slot: on cuda:3, expected cuda:0"),
         ({"device": -1}, "device must be >= 0"),
     ],
 )
@@ -287,6 +289,39 @@ def test_option_errors_match_the_cpu_solver(kwargs: dict) -> None:
 def test_mse_observer_is_refused_with_a_pointer_to_cpu() -> None:
     with pytest.raises(ValueError, match="MSE observer is not implemented on the CUDA path"):
         fqcuda.gptq_quantize(torch.randn(4, 8), torch.eye(8), observer="mse")
+
+
+def test_hessian_check_binding_checks_its_arguments() -> None:
+    with pytest.raises(ValueError, match=r"slot: expected \[bytes\] = \[24\], got \[8\]"):
+        _core.cuda_hessian_check(F((8,), "|u1"), 16, 0, 0)
+    with pytest.raises(ValueError, match="in_features"):
+        _core.cuda_hessian_check(F((24,), "|u1"), 0, 0, 0)
+    with pytest.raises(ValueError, match="slot: on cuda:3, expected cuda:0"):
+        _core.cuda_hessian_check(F((24,), "|u1", device=(2, 3)), 16, 0, 0)
+
+
+def test_a_non_finite_batch_reported_at_the_solve_names_the_layer() -> None:
+    # the GPU accumulator raises only when its Hessian is read out: the modifier still says
+    # which layer and where its inputs came from, with the type the per-batch check raises
+    from types import SimpleNamespace
+
+    from ferroquant.calls import NonFiniteActivationError
+    from ferroquant.config import GPTQ
+    from ferroquant.modifiers.gptq import GPTQModifier
+
+    class Recorded:
+        def hessian(self) -> torch.Tensor:
+            raise ValueError("Hessian batch 3 (bfloat16): non-finite activation (NaN or Inf) "
+                             "at token row 1, input feature 2")
+
+    m = GPTQModifier(GPTQ())
+    m._label = "block model.layers.4"
+    t = SimpleNamespace(name="model.layers.4.mlp.up_proj",
+                        state=SimpleNamespace(core=Recorded()))
+    with pytest.raises(NonFiniteActivationError,
+                       match=r"'model.layers.4.mlp.up_proj' \(block model.layers.4\) contain "
+                             r"non-finite values: Hessian batch 3 \(bfloat16\)"):
+        m._hessian(t)
 
 
 def test_argument_types() -> None:
@@ -470,22 +505,36 @@ def test_gpu_hessian_matches_cpu(dtype: torch.dtype) -> None:
 
 
 @gpu
-def test_gpu_hessian_nan_gives_the_cpu_error_and_leaves_h_unchanged() -> None:
+def test_gpu_hessian_nan_gives_the_cpu_error_when_read_out() -> None:
+    # the batch is not checked when added (no host wait per batch): the first bad batch is
+    # reported, with the CPU's message, whenever the Hessian is read out
     n = 64
     x = _activations(50, n, seed=4, dtype=torch.bfloat16)
     cpu, dev = solver.HessianAccumulator(n), fqcuda.HessianAccumulator(n)
     cpu.add_batch(x)
     dev.add_batch(x.cuda())
-    before = dev.hessian().clone()
+    dev.hessian()
     bad = x.clone()
     bad[7, 11] = float("nan")
+    bad[9, 2] = float("inf")
     with pytest.raises(ValueError) as e_cpu:
         cpu.add_batch(bad)
-    with pytest.raises(ValueError) as e_dev:
-        dev.add_batch(bad.cuda())
-    assert str(e_dev.value) == str(e_cpu.value)
-    assert torch.equal(dev.hessian(), before)
-    assert dev.samples == 50
+    dev.add_batch(bad.cuda())
+    later = x.clone()
+    later[0, 0] = float("inf")  # earlier in its batch than batch 1's: still batch 1 reported
+    dev.add_batch(later.cuda())
+    dev.add_batch(x.float().cuda())
+    for _ in range(2):
+        with pytest.raises(ValueError) as e_dev:
+            dev.hessian()
+        assert str(e_dev.value) == str(e_cpu.value)
+    assert "Hessian batch 1 (bfloat16)" in str(e_dev.value)
+    assert "token row 7, input feature 11" in str(e_dev.value)
+    # merging reports the other accumulator's bad batch, as its own add_batch did on CPU
+    a = fqcuda.HessianAccumulator(n)
+    a.add_batch(x.cuda())
+    with pytest.raises(ValueError, match="Hessian batch 1 \\(bfloat16\\)"):
+        a.merge(dev)
 
 
 @gpu
@@ -542,7 +591,7 @@ def test_calls_leave_the_threads_current_context_as_they_found_it() -> None:
     rows, n = 8, 32
     h = torch.zeros(n, n, device="cuda:0")
     x = _activations(10, n, seed=1).cuda()
-    flag = torch.empty(8, dtype=torch.uint8, device="cuda:0")
+    slot = torch.full((24,), 0xFF, dtype=torch.uint8, device="cuda:0")
     w = torch.randn(rows, n, device="cuda:0")
     dead = torch.zeros(n, n, device="cuda:0")  # no calibration signal: an error mid-solve
     outs = [
@@ -563,7 +612,9 @@ def test_calls_leave_the_threads_current_context_as_they_found_it() -> None:
         seen.append(_current_context())
         _core.cuda_gptq_workspace_bytes(rows, n, 0)
         seen.append(_current_context())
-        _core.cuda_hessian_add(h, x, flag, 0, 0, 0, 0)
+        _core.cuda_hessian_add(h, x, slot, 0, 0, 0, 0)
+        seen.append(_current_context())
+        _core.cuda_hessian_check(slot, n, 0, 0)
         seen.append(_current_context())
         try:
             _core.cuda_gptq_solve(w, dead, *outs, 0, 0)
@@ -574,8 +625,8 @@ def test_calls_leave_the_threads_current_context_as_they_found_it() -> None:
     t = threading.Thread(target=run)
     t.start()
     t.join()
-    assert seen[:5] == [None] * 5, seen
-    assert "no calibration signal" in str(seen[5])
+    assert seen[:6] == [None] * 6, seen
+    assert "no calibration signal" in str(seen[6])
     torch.cuda.synchronize()
     ref = solver.HessianAccumulator(n)
     ref.add_batch(x.cpu())

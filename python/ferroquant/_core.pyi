@@ -227,11 +227,17 @@ def cuda_unavailable_reason() -> str | None:
 
 def cuda_device_name(device: int) -> str: ...
 def cuda_hessian_add(
-    h: int, n: int, x: int, rows: int, dtype: Literal["float32", "float16", "bfloat16"],
-    samples: int, batch: int, flag: int, stream: int, device: int,
-) -> None:
-    """Adds ``rows`` activations at ``x`` to the fp32 ``[n, n]`` Hessian at ``h`` (running
-    rescale by the sample counts), on ``stream`` of ``device``."""
+    h: Any, x: Any, slot: Any, samples: int, batch: int, stream: int, device: int, *,
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None,
+) -> int:
+    """Adds the rows of ``x`` ``[..., n]`` to the fp32 ``[n, n]`` Hessian ``h`` (running
+    rescale by the sample counts), on ``stream`` of ``device``; returns the rows added. A NaN/Inf
+    is recorded in ``slot`` (uint8 ``[24]``, all 0xff at first), not raised: see
+    ``cuda_hessian_check``."""
+
+def cuda_hessian_check(slot: Any, in_features: int, stream: int, device: int) -> None:
+    """``ValueError`` (the CPU accumulator's message) for the first batch ``slot`` recorded a
+    NaN/Inf for; one host synchronisation, when the Hessian is read out."""
 
 def cuda_gptq_workspace_bytes(rows: int, cols: int, device: int) -> int: ...
 def cuda_gptq_solve(

@@ -130,7 +130,9 @@ class HessianAccumulator:
     """``H = (2/n) sum x x^T`` on the GPU (fp32 accumulation; fp16/bf16 inputs on tensor cores).
 
     Same interface as :class:`ferroquant.solver.HessianAccumulator`; :meth:`hessian` returns the
-    device tensor itself (float32 ``[in, in]``, both triangles)."""
+    device tensor itself (float32 ``[in, in]``, both triangles). A NaN/Inf in a batch is recorded
+    on the device, not checked per batch (that would wait for the GPU every batch): it is raised
+    by :meth:`hessian`, with the CPU accumulator's message for the first bad batch."""
 
     def __init__(self, in_features: int, device: int | torch.device | None = None) -> None:
         if not isinstance(in_features, int) or in_features <= 0:
@@ -139,7 +141,8 @@ class HessianAccumulator:
         self._device = torch.device("cuda", _ordinal(device))
         self._n = in_features
         self._h = torch.zeros(in_features, in_features, dtype=torch.float32, device=self._device)
-        self._flag = torch.empty(8, dtype=torch.uint8, device=self._device)
+        # the first non-finite batch's [batch, index, dtype] as u64s; all ones: none yet
+        self._slot = torch.full((24,), 0xFF, dtype=torch.uint8, device=self._device)
         self._samples = 0
         self._batches = 0
 
@@ -163,7 +166,7 @@ class HessianAccumulator:
         rows = _core.cuda_hessian_add(
             self._h,
             x.contiguous(),
-            self._flag,
+            self._slot,
             self._samples,
             self._batches,
             _stream(self._device),
@@ -183,6 +186,7 @@ class HessianAccumulator:
             )
         if other._samples == 0:
             return
+        other._check()  # as the CPU would have: other's own batch named
         total = self._samples + other._samples
         wa, wb = self._samples / total, other._samples / total
         self._h.mul_(wa).add_(other._h.to(self._device), alpha=wb)
@@ -190,7 +194,12 @@ class HessianAccumulator:
         self._batches += other._batches
 
     def hessian(self) -> torch.Tensor:
+        self._check()
         return self._h
+
+    def _check(self) -> None:
+        """The one host read of the non-finite record (ValueError naming batch, row, column)."""
+        _core.cuda_hessian_check(self._slot, self._n, _stream(self._device), self._device.index)
 
 
 def gptq_quantize(

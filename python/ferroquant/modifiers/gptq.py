@@ -13,7 +13,7 @@ import torch
 
 from .. import cuda as fqcuda
 from .. import solver
-from ..calls import check_finite
+from ..calls import NonFiniteActivationError, check_finite
 from ..config import GPTQ, QuantizationArgs
 from ..report import LayerReport
 from .base import Target
@@ -48,6 +48,7 @@ class GPTQModifier(WeightModifier):
         super().__init__(recipe, scale_dtype=scale_dtype)
         self.sequential = recipe.true_sequential
         self.report_rtn_loss = report_rtn_loss
+        self._label = ""
 
     # ---- statistics -----------------------------------------------------------------------
 
@@ -67,6 +68,7 @@ class GPTQModifier(WeightModifier):
         path (at the same cost as one big batch)."""
         name = t.name
         t0 = time.perf_counter()
+        self._label = label  # where the inputs come from, for _hessian's error
         try:
             # the core scans for NaN/Inf itself; torch re-checks only to name the culprit
             acc.add_batch(x)
@@ -75,6 +77,16 @@ class GPTQModifier(WeightModifier):
             raise ValueError(f"layer {name!r}: {e}") from e
         finally:
             self.seconds["hessian"] += time.perf_counter() - t0
+
+    def _hessian(self, t: Target) -> torch.Tensor:
+        try:
+            return t.state.core.hessian()
+        except ValueError as e:
+            # the GPU accumulator records a NaN/Inf batch on the device and reports it here,
+            # once, instead of waiting for the GPU at every batch
+            raise NonFiniteActivationError(
+                f"the input activations of layer {t.name!r} ({self._label}) contain non-finite "
+                f"values: {e}") from e
 
     # ---- the solve ------------------------------------------------------------------------
 
@@ -101,7 +113,7 @@ class GPTQModifier(WeightModifier):
             warnings.warn(f"layer {t.name!r}: {note}", UserWarning, stacklevel=2)
             return self.quantize_rtn(t, subset, note=note)
         t0 = time.perf_counter()
-        h = t.state.core.hessian()
+        h = self._hessian(t)
         # the GPU solver takes the Hessian where it was accumulated; its MSE grid search is not
         # ported yet, so that observer solves on the CPU
         on_gpu = isinstance(t.state.core, fqcuda.HessianAccumulator) and a.observer != "mse"

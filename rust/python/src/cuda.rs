@@ -11,6 +11,7 @@
 //! HessianNotPositiveDefiniteError exactly as the CPU path). Never a panic.
 
 use fq::cuda::device::{self, ActDtype, CudaError, HessianAdd, SolveArgs};
+use fq::cuda::plan::NONFINITE_SLOT_BYTES;
 use pyo3::exceptions::{PyAttributeError, PyRuntimeError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -448,16 +449,18 @@ fn cuda_device_name(py: Python<'_>, device: i64) -> PyResult<String> {
 
 /// `h = (n_old/n_new) h + (2/n_new) xᵀx` on the GPU, in place. `h`: float32 `[in, in]`;
 /// `x`: `[..., in]` float32, float16, or int16/uint16 bfloat16 bits with `dtype='bfloat16'`;
-/// `flag`: uint8 `[8]` of scratch; `samples` = n_old; `batch` = index of this batch (messages).
+/// `slot`: uint8 `[24]`, the Hessian's non-finite record (all 0xff before its first batch):
+/// a NaN/Inf is recorded there, not raised, and [`cuda_hessian_check`] reports it when the
+/// Hessian is read out; `samples` = n_old; `batch` = index of this batch (messages).
 /// Returns the number of rows added.
 #[pyfunction]
-#[pyo3(signature = (h, x, flag, samples, batch, stream, device, *, dtype=None))]
+#[pyo3(signature = (h, x, slot, samples, batch, stream, device, *, dtype=None))]
 #[allow(clippy::too_many_arguments)]
 fn cuda_hessian_add(
     py: Python<'_>,
     h: &Bound<'_, PyAny>,
     x: &Bound<'_, PyAny>,
-    flag: &Bound<'_, PyAny>,
+    slot: &Bound<'_, PyAny>,
     samples: u64,
     batch: u64,
     stream: u64,
@@ -477,14 +480,7 @@ fn cuda_hessian_add(
             false,
         )?;
         let dtype = act_dtype(xt.elem, dtype)?;
-        let ft = dev_tensor(
-            flag,
-            "flag",
-            ordinal,
-            &[Elem::U8],
-            Shape::Exact(&[("bytes", 8)]),
-            true,
-        )?;
+        let st = slot_tensor(slot, ordinal)?;
         let rows = xt.numel() / n;
         let a = HessianAdd {
             h: ht.ptr,
@@ -494,13 +490,47 @@ fn cuda_hessian_add(
             dtype,
             samples,
             batch,
-            flag: ft.ptr,
+            slot: st,
             stream,
             ordinal,
         };
         require()?;
         py.detach(|| device::hessian_add(&a)).map_err(cuda_err)?;
         Ok(rows)
+    })
+}
+
+/// A Hessian's non-finite slot: uint8 `[24]` on the call's device.
+fn slot_tensor(slot: &Bound<'_, PyAny>, ordinal: usize) -> PyResult<u64> {
+    let t = dev_tensor(
+        slot,
+        "slot",
+        ordinal,
+        &[Elem::U8],
+        Shape::Exact(&[("bytes", NONFINITE_SLOT_BYTES)]),
+        true,
+    )?;
+    Ok(t.ptr)
+}
+
+/// Raises the CPU accumulator's error (ValueError) for the first Hessian batch that recorded
+/// a NaN/Inf in `slot` (see [`cuda_hessian_add`]); `in_features` names its row and column.
+/// One host synchronisation: call it once, when the Hessian is read out.
+#[pyfunction]
+fn cuda_hessian_check(
+    py: Python<'_>,
+    slot: &Bound<'_, PyAny>,
+    in_features: i64,
+    stream: u64,
+    device: i64,
+) -> PyResult<()> {
+    guarded("cuda_hessian_check", || {
+        let ordinal = count("device", device)?;
+        let n = positive_usize("in_features", in_features)?;
+        let st = slot_tensor(slot, ordinal)?;
+        require()?;
+        py.detach(|| device::hessian_check(st, n, stream, ordinal))
+            .map_err(cuda_err)
     })
 }
 
@@ -686,6 +716,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_unavailable_reason, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_device_name, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_hessian_add, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_hessian_check, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_gptq_workspace_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_gptq_inputs, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_gptq_solve, m)?)?;

@@ -1,15 +1,16 @@
 //! The CUDA path through `cudarc` (feature `cuda`): the device side of [`super::model`].
 //!
-//! Memory: every buffer is the caller's (torch's caching allocator): inputs, outputs and one
-//! workspace whose size [`solve_workspace_bytes`] reports. Nothing is allocated here except
-//! a few host scalars read back (non-finite positions, `potrf` status, the diagonal, per-row
-//! loss sums).
+//! Memory: every buffer is the caller's (torch's caching allocator): inputs, outputs, one
+//! workspace whose size [`solve_workspace_bytes`] reports and a Hessian's non-finite slot.
+//! Nothing is allocated here except a few host scalars read back (non-finite positions,
+//! `potrf` status, the diagonal, per-row loss sums).
 //!
 //! Streams: each device gets one stream of ours in the primary context (the one torch uses).
 //! Every entry point first makes our stream wait for the caller's stream (an event recorded
 //! there), and at the end makes the caller's stream wait for ours, so torch work before and
 //! after is ordered without host synchronisation. The host does wait for our stream where it
-//! needs a value back (a non-finite check, the Cholesky status, the loss).
+//! needs a value back (the solve's non-finite checks, the Cholesky status, the loss, and a
+//! Hessian's non-finite slot once, when it is read out: never per batch).
 //!
 //! Contexts: every entry point leaves the thread's current context as it found it
 //! ([`RestoreContext`]), so torch's current device is unchanged by a call on another device.
@@ -404,6 +405,44 @@ impl Dev {
         let v = self.to_host::<u64>(flag, 1)?[0];
         Ok((v != u64::MAX).then_some(v as usize))
     }
+
+    /// Records a Hessian batch's first non-finite element in the device `slot` unless an
+    /// earlier batch did (see [`plan::NONFINITE_SLOT_BYTES`]); nothing is read back.
+    fn record_non_finite(
+        &self,
+        data: u64,
+        len: usize,
+        dtype: ActDtype,
+        batch: u64,
+        slot: u64,
+    ) -> CResult<()> {
+        let len64 = len as u64;
+        let (tag, mask16) = (dtype.tag(), dtype.exp_mask16());
+        let cfg = self.flat(len64);
+        let mut b;
+        match mask16 {
+            None => {
+                b = self
+                    .stream
+                    .launch_builder(self.func("fq_record_nonfinite_f32")?);
+                b.arg(&data).arg(&len64).arg(&batch).arg(&tag).arg(&slot);
+            }
+            Some(ref m) => {
+                b = self
+                    .stream
+                    .launch_builder(self.func("fq_record_nonfinite_u16")?);
+                b.arg(&data)
+                    .arg(&len64)
+                    .arg(m)
+                    .arg(&batch)
+                    .arg(&tag)
+                    .arg(&slot);
+            }
+        }
+        // SAFETY: argument list matches the kernel's signature; buffers sized by the caller.
+        unsafe { b.launch(cfg) }.map_err(|e| dev_err("fq_record_nonfinite", e))?;
+        Ok(())
+    }
 }
 
 /// Runs `f` on the device with our stream joined to the caller's stream both ways; panics in
@@ -442,22 +481,7 @@ fn on_device<T>(
 // ---------------------------------------------------------------------------------------------
 
 /// Activation dtypes read by the GEMM (fp32 accumulation in every case).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ActDtype {
-    F32,
-    F16,
-    BF16,
-}
-
-impl ActDtype {
-    pub fn name(self) -> &'static str {
-        match self {
-            ActDtype::F32 => "float32",
-            ActDtype::F16 => "float16",
-            ActDtype::BF16 => "bfloat16",
-        }
-    }
-}
+pub use super::plan::ActDtype;
 
 /// One Hessian update: `H = (n_old/n_new) H + (2/n_new) XᵀX` with `X` `[rows, n]` row-major.
 pub struct HessianAdd {
@@ -471,14 +495,17 @@ pub struct HessianAdd {
     pub samples: u64,
     /// Index of this batch (for error messages, as on CPU).
     pub batch: u64,
-    /// 8 bytes of device scratch.
-    pub flag: u64,
+    /// The Hessian's non-finite slot ([`plan::NONFINITE_SLOT_BYTES`], all 0xff before the
+    /// first batch), read by [`hessian_check`].
+    pub slot: u64,
     pub stream: u64,
     pub ordinal: usize,
 }
 
-/// Checks the batch for NaN/Inf (the same error as the CPU accumulator, H unchanged), then one
-/// `cublasGemmEx` (fp16/bf16/fp32 in, fp32 out and compute; tensor cores for 16-bit inputs).
+/// Records the batch's first NaN/Inf in the Hessian's device slot (unless an earlier batch
+/// did; no host synchronisation), then one `cublasGemmEx` (fp16/bf16/fp32 in, fp32 out and
+/// compute; tensor cores for 16-bit inputs). A non-finite batch still goes into H: the
+/// Hessian must be read out through [`hessian_check`], which reports it.
 pub fn hessian_add(a: &HessianAdd) -> CResult<()> {
     if a.n == 0 || a.n > i32::MAX as usize || a.rows > i32::MAX as usize {
         return Err(Error::InvalidArgument(format!(
@@ -491,16 +518,7 @@ pub fn hessian_add(a: &HessianAdd) -> CResult<()> {
         return Ok(());
     }
     on_device(a.ordinal, a.stream, |dev| {
-        let mask = match a.dtype {
-            ActDtype::F32 => None,
-            ActDtype::F16 => Some(0x7c00),
-            ActDtype::BF16 => Some(0x7f80),
-        };
-        if let Some(i) = dev.first_non_finite(a.x, a.rows * a.n, mask, a.flag)? {
-            return Err(
-                plan::non_finite_activation(a.batch, a.dtype.name(), i / a.n, i % a.n).into(),
-            );
-        }
+        dev.record_non_finite(a.x, a.rows * a.n, a.dtype, a.batch, a.slot)?;
         let n_new = a.samples + a.rows as u64;
         let alpha = (2.0 / n_new as f64) as f32;
         let beta = (a.samples as f64 / n_new as f64) as f32;
@@ -538,6 +556,17 @@ pub fn hessian_add(a: &HessianAdd) -> CResult<()> {
                 ),
             )
         }
+    })
+}
+
+/// Reads a Hessian's non-finite slot (one host synchronisation, when the Hessian is read out)
+/// and gives the CPU accumulator's error for the first batch that had a NaN/Inf; `n` =
+/// in_features. The Hessian must not be used when this fails.
+pub fn hessian_check(slot: u64, n: usize, stream: u64, ordinal: usize) -> CResult<()> {
+    on_device(ordinal, stream, |dev| {
+        let v = dev.to_host::<u64>(slot, 3)?;
+        plan::check_nonfinite_slot([v[0], v[1], v[2]], n)?;
+        Ok(())
     })
 }
 
@@ -1051,11 +1080,15 @@ mod tests {
             dtype: ActDtype::BF16,
             samples: 0,
             batch: 0,
-            flag: 0,
+            slot: 0,
             stream: 0,
             ordinal: 0,
         };
         assert!(matches!(hessian_add(&h), Err(CudaError::Unavailable(_))));
+        assert!(matches!(
+            hessian_check(0, 8, 0, 0),
+            Err(CudaError::Unavailable(_))
+        ));
         // Argument errors come first, as on CPU, whether or not CUDA is present.
         let mut o = opts();
         o.spec.bits = 5;

@@ -6,9 +6,11 @@
 //! Every kernel's logic is mirrored by a function of `model.rs` (named in each comment).
 
 /// Kernel names, in the order [`SOURCE`] defines them.
-pub const KERNEL_NAMES: [&str; 8] = [
+pub const KERNEL_NAMES: [&str; 10] = [
     "fq_find_nonfinite_f32",
     "fq_find_nonfinite_u16",
+    "fq_record_nonfinite_f32",
+    "fq_record_nonfinite_u16",
     "fq_diag",
     "fq_prep_hessian",
     "fq_reverse_upper",
@@ -43,6 +45,40 @@ extern "C" __global__ void fq_find_nonfinite_f32(const float* __restrict__ a, u6
 extern "C" __global__ void fq_find_nonfinite_u16(const u16* __restrict__ a, u64 len, u32 exp_mask, u64* first) {
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < len; i += (u64)gridDim.x * blockDim.x) {
         if ((a[i] & exp_mask) == exp_mask) { atomicMin(first, i); }
+    }
+}
+
+// Hessian batches record their first non-finite element in a slot that stays on the device
+// (no host read per batch): slot = {batch, flat index, dtype tag}, all ~0 until a batch
+// records. A batch skips its scan once an earlier batch has recorded; within the first bad
+// batch every thread claims the slot for it (atomicCAS) and the smallest index wins
+// (atomicMin).  [model: record_non_finite]
+__device__ __forceinline__ bool fq_slot_taken(const u64* slot, u64 batch) {
+    u64 b = *(volatile const u64*)slot;
+    return b != ~0ull && b != batch;
+}
+
+__device__ __forceinline__ void fq_slot_record(u64* slot, u64 batch, u64 i, u64 tag) {
+    u64 seen = atomicCAS(slot, ~0ull, batch);
+    if (seen == ~0ull || seen == batch) {
+        atomicMin(slot + 1, i);
+        slot[2] = tag;
+    }
+}
+
+extern "C" __global__ void fq_record_nonfinite_f32(const float* __restrict__ a, u64 len, u64 batch, u64 tag, u64* slot) {
+    if (fq_slot_taken(slot, batch)) { return; }
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < len; i += (u64)gridDim.x * blockDim.x) {
+        u32 bits = __float_as_uint(a[i]);
+        if ((bits & 0x7f800000u) == 0x7f800000u) { fq_slot_record(slot, batch, i, tag); }
+    }
+}
+
+// Same for 16-bit floats read as raw bits: exp_mask 0x7c00 (fp16) or 0x7f80 (bf16).
+extern "C" __global__ void fq_record_nonfinite_u16(const u16* __restrict__ a, u64 len, u32 exp_mask, u64 batch, u64 tag, u64* slot) {
+    if (fq_slot_taken(slot, batch)) { return; }
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < len; i += (u64)gridDim.x * blockDim.x) {
+        if ((a[i] & exp_mask) == exp_mask) { fq_slot_record(slot, batch, i, tag); }
     }
 }
 

@@ -1,9 +1,10 @@
-//! A CPU model of the CUDA GPTQ solve, written step for step as the device code runs it, so
-//! the kernels' logic is tested on machines without a GPU (the GPU tests then compare the
-//! device against the CPU solver directly).
+//! A CPU model of the CUDA GPTQ solve (and of the Hessian batches' non-finite record), written
+//! step for step as the device code runs it, so the kernels' logic is tested on machines
+//! without a GPU (the GPU tests then compare the device against the CPU solver directly).
 //!
 //! Step                          | device ([`super::device`])          | here
 //! ------------------------------|-------------------------------------|---------------------------
+//! Hessian batch NaN/Inf record  | `fq_record_nonfinite` (device slot)  | [`record_non_finite`]
 //! non-finite / diag / order     | `fq_find_nonfinite`, `fq_diag` + [`plan`] | same [`plan`] code
 //! damped, permuted, reversed H  | `fq_prep_hessian`                    | [`prep_hessian`] (same indices)
 //! Cholesky                      | cuSOLVER `potrf(UPPER)` column-major | faer lower Cholesky, row-major
@@ -45,6 +46,36 @@ use crate::quantizer::{check_scales, minmax_params, QuantSpec};
 /// atomicMin over flat indices returns).
 pub fn first_non_finite(a: &[f32]) -> Option<usize> {
     a.iter().position(|v| !v.is_finite())
+}
+
+/// One Hessian batch's activations as the record kernels read them: f32, or 16-bit floats as
+/// raw bits with their exponent mask.
+#[derive(Clone, Copy, Debug)]
+pub enum BatchBits<'a> {
+    F32(&'a [f32]),
+    U16(&'a [u16], u16),
+}
+
+/// `fq_record_nonfinite_*` on batch `batch` of dtype `tag`: unless an earlier batch recorded
+/// one, the batch's first non-finite element (smallest flat index: the kernel's atomicMin)
+/// goes into `slot` = `[batch, flat index, tag]` (see [`plan::NONFINITE_SLOT_BYTES`]).
+pub fn record_non_finite(x: BatchBits<'_>, batch: u64, tag: u64, slot: &mut [u64; 3]) {
+    if slot[0] != u64::MAX && slot[0] != batch {
+        return; // fq_slot_taken
+    }
+    let first = match x {
+        BatchBits::F32(a) => a
+            .iter()
+            .position(|v| v.to_bits() & 0x7f80_0000 == 0x7f80_0000),
+        BatchBits::U16(a, mask) => a.iter().position(|v| v & mask == mask),
+    };
+    if let Some(i) = first {
+        // fq_slot_record: the atomicCAS claims the slot for this batch, atomicMin keeps the
+        // smallest index
+        slot[0] = batch;
+        slot[1] = slot[1].min(i as u64);
+        slot[2] = tag;
+    }
 }
 
 /// `fq_prep_hessian`: `out = J P H Pᵀ J` with dead inputs isolated (diagonal 1) and `damp` added
@@ -722,6 +753,125 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// Batches through the record kernels' model and the CPU accumulator side by side.
+    fn record_batches(n: usize, batches: &[(plan::ActDtype, Vec<f32>)]) -> ([u64; 3], Error) {
+        use crate::hessian::{Activations, HessianAccumulator};
+        use half::{bf16, f16};
+
+        let mut slot = plan::NONFINITE_SLOT_EMPTY;
+        let mut cpu = HessianAccumulator::new(n).unwrap();
+        let mut cpu_err = None;
+        for (b, (dtype, x)) in batches.iter().enumerate() {
+            let rows = x.len() / n;
+            let (f16s, bf16s): (Vec<f16>, Vec<bf16>) = (
+                x.iter().map(|&v| f16::from_f32(v)).collect(),
+                x.iter().map(|&v| bf16::from_f32(v)).collect(),
+            );
+            let (bits, cpu_x): (Vec<u16>, Activations<'_>) = match dtype {
+                plan::ActDtype::F32 => (vec![], Activations::F32(x)),
+                plan::ActDtype::F16 => (
+                    f16s.iter().map(|v| v.to_bits()).collect(),
+                    Activations::F16(&f16s),
+                ),
+                plan::ActDtype::BF16 => (
+                    bf16s.iter().map(|v| v.to_bits()).collect(),
+                    Activations::BF16(&bf16s),
+                ),
+            };
+            let dev_x = match dtype.exp_mask16() {
+                None => BatchBits::F32(x),
+                Some(m) => BatchBits::U16(&bits, m as u16),
+            };
+            record_non_finite(dev_x, b as u64, dtype.tag(), &mut slot);
+            // the CPU raises at the bad batch itself (and its batch count stops there)
+            if cpu_err.is_none() {
+                if let Err(e) = cpu.add_batch(cpu_x, rows) {
+                    cpu_err = Some(e);
+                }
+            }
+        }
+        (slot, cpu_err.expect("a batch is non-finite"))
+    }
+
+    #[test]
+    fn model_records_the_first_non_finite_batch_until_the_hessian_is_read() {
+        use plan::ActDtype::{BF16, F16, F32};
+        let n = 6;
+        let finite = |rows: usize, seed: f32| -> Vec<f32> {
+            (0..rows * n)
+                .map(|i| (i as f32 * 0.37 + seed).sin())
+                .collect()
+        };
+        let with = |mut x: Vec<f32>, at: &[(usize, usize, f32)]| {
+            for &(r, c, v) in at {
+                x[r * n + c] = v;
+            }
+            x
+        };
+        // no batch non-finite: nothing recorded, the check passes
+        let mut slot = plan::NONFINITE_SLOT_EMPTY;
+        for b in 0..3u64 {
+            record_non_finite(
+                BatchBits::F32(&finite(4, b as f32)),
+                b,
+                F32.tag(),
+                &mut slot,
+            );
+        }
+        assert_eq!(slot, plan::NONFINITE_SLOT_EMPTY);
+        assert!(plan::check_nonfinite_slot(slot, n).is_ok());
+
+        for dtype in [F32, F16, BF16] {
+            // batch 2 has two bad entries (the first in row-major order is reported); batch 3
+            // has one earlier in its buffer and batch 4 is finite: neither changes the record
+            let batches = vec![
+                (dtype, finite(3, 0.0)),
+                (dtype, finite(5, 1.0)),
+                (
+                    dtype,
+                    with(finite(4, 2.0), &[(3, 1, f32::INFINITY), (2, 4, f32::NAN)]),
+                ),
+                (dtype, with(finite(4, 3.0), &[(0, 0, f32::NAN)])),
+                (dtype, finite(2, 4.0)),
+            ];
+            let (slot, cpu) = record_batches(n, &batches);
+            assert_eq!(slot, [2, (2 * n + 4) as u64, dtype.tag()], "{dtype:?}");
+            let dev = plan::check_nonfinite_slot(slot, n).unwrap_err();
+            assert!(matches!(dev, Error::NonFinite(_)));
+            // the message the CPU accumulator gives when batch 2 is added
+            assert_eq!(dev.to_string(), cpu.to_string());
+            assert!(
+                dev.to_string().starts_with(&format!(
+                    "Hessian batch 2 ({}): non-finite activation (NaN or Inf) at token row 2, \
+                     input feature 4",
+                    dtype.name()
+                )),
+                "{dev}"
+            );
+        }
+        // a later batch of another dtype leaves the record (and its dtype) alone
+        let batches = vec![
+            (F32, finite(2, 0.0)),
+            (BF16, with(finite(2, 1.0), &[(1, 5, f32::NEG_INFINITY)])),
+            (F16, with(finite(2, 2.0), &[(0, 1, 1e6)])), // overflows float16
+        ];
+        let (slot, cpu) = record_batches(n, &batches);
+        assert_eq!(slot, [1, (n + 5) as u64, BF16.tag()]);
+        let dev = plan::check_nonfinite_slot(slot, n).unwrap_err();
+        assert_eq!(dev.to_string(), cpu.to_string());
+        // the first batch's first element: index 0 is a real record, not the empty marker
+        let batches = vec![(F32, with(finite(1, 0.0), &[(0, 0, f32::NAN)]))];
+        let (slot, cpu) = record_batches(n, &batches);
+        assert_eq!(slot, [0, 0, F32.tag()]);
+        assert_eq!(
+            plan::check_nonfinite_slot(slot, n).unwrap_err().to_string(),
+            cpu.to_string()
+        );
+        for d in [F32, F16, BF16] {
+            assert_eq!(plan::ActDtype::from_tag(d.tag()), Some(d));
         }
     }
 

@@ -95,6 +95,69 @@ pub fn non_finite_activation(batch: u64, dtype: &str, row: usize, col: usize) ->
     ))
 }
 
+/// Activation dtypes of a Hessian batch (fp32 accumulation in every case).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActDtype {
+    F32,
+    F16,
+    BF16,
+}
+
+impl ActDtype {
+    pub fn name(self) -> &'static str {
+        match self {
+            ActDtype::F32 => "float32",
+            ActDtype::F16 => "float16",
+            ActDtype::BF16 => "bfloat16",
+        }
+    }
+
+    /// How a batch's kernel names its dtype in the non-finite slot.
+    pub fn tag(self) -> u64 {
+        self as u64
+    }
+
+    pub fn from_tag(tag: u64) -> Option<Self> {
+        [ActDtype::F32, ActDtype::F16, ActDtype::BF16]
+            .into_iter()
+            .find(|d| d.tag() == tag)
+    }
+
+    /// Exponent bits of a 16-bit float (all ones = Inf or NaN); None for f32.
+    pub fn exp_mask16(self) -> Option<u32> {
+        match self {
+            ActDtype::F32 => None,
+            ActDtype::F16 => Some(0x7c00),
+            ActDtype::BF16 => Some(0x7f80),
+        }
+    }
+}
+
+/// Bytes of the device slot where a Hessian's batches record their first non-finite
+/// activation: three u64 `[batch, flat index in the batch, dtype tag]`, all `u64::MAX` (bytes
+/// 0xff) while every batch was finite. Each batch's kernel writes it only if no earlier batch
+/// did, so the host reads it once, when the Hessian is read out, instead of once per batch.
+pub const NONFINITE_SLOT_BYTES: usize = 24;
+/// The slot before any batch: nothing recorded.
+pub const NONFINITE_SLOT_EMPTY: [u64; 3] = [u64::MAX; 3];
+
+/// The error for what the batches recorded in the slot (`n` = in_features), the message the
+/// CPU accumulator gives when that batch is added; Ok when every batch was finite.
+pub fn check_nonfinite_slot(slot: [u64; 3], n: usize) -> Result<()> {
+    let [batch, flat, tag] = slot;
+    if batch == u64::MAX {
+        return Ok(());
+    }
+    let dtype = ActDtype::from_tag(tag).map_or("unknown dtype", ActDtype::name);
+    let flat = flat as usize;
+    Err(non_finite_activation(
+        batch,
+        dtype,
+        flat / n.max(1),
+        flat % n.max(1),
+    ))
+}
+
 /// Dead flags by processing position (zero diagonal), `linalg`'s error when all are dead.
 pub fn dead_positions(diag: &[f32], order: &[usize]) -> Result<Vec<bool>> {
     linalg::dead_flags(&permuted(diag, order))
