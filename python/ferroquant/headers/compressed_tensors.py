@@ -165,17 +165,8 @@ def check_layer_header(
     shp = files.expect(f"{prefix}.weight_shape", ("I64", "I32"), (2,))
     ws = files.read_ints(f"{prefix}.weight_shape")
     out, inp = ws
-    if (out_features is not None and out != out_features) or (in_features is not None and inp != in_features):
-        raise CheckpointError(
-            f"{shp.file}: tensor '{prefix}.weight_shape' is {ws} but the model's layer is "
-            f"[{out_features}, {in_features}]"
-        )
-    gs = args.effective_group_size
-    if gs > 0 and inp % gs:
-        raise CheckpointError(
-            f"{shp.file}: '{prefix}': in_features={inp} is not a multiple of group_size={gs} from {settings.source}"
-        )
-    ng = n_groups_for(inp, gs)
+    gs, ng = _shape_and_groups(shp.file, prefix, f"tensor '{prefix}.weight_shape' is {ws}",
+                               (out, inp), (out_features, in_features), args, settings)
     why = f"bits={b}, group_size={gs} from {settings.source}, weight_shape={ws}"
     files.expect(f"{prefix}.weight_packed", "I32", (out, -(-inp * b // 32)), why)
     files.expect(f"{prefix}.weight_scale", FLOAT_CODES, (out, ng), why)
@@ -192,6 +183,21 @@ def check_layer_header(
     return LayerHeader(args, inp, out, ng, why, scheme)
 
 
+def _shape_and_groups(file: str, prefix: str, what: str, shape: tuple[int, int],
+                      model_shape: tuple[int | None, int | None], args: Any,
+                      settings: CTSettings) -> tuple[int, int]:
+    """(group size, groups) of a layer whose stored shape must match the model's layer (where
+    known) and hold whole groups."""
+    (out, inp), (out_m, in_m) = shape, model_shape
+    if (out_m is not None and out != out_m) or (in_m is not None and inp != in_m):
+        raise CheckpointError(f"{file}: {what} but the model's layer is [{out_m}, {in_m}]")
+    gs = args.effective_group_size
+    if gs > 0 and inp % gs:
+        raise CheckpointError(f"{file}: '{prefix}': in_features={inp} is not a multiple of "
+                              f"group_size={gs} from {settings.source}")
+    return gs, n_groups_for(inp, gs)
+
+
 def _check_dense_header(
     files: HeaderFiles, prefix: str, settings: CTSettings, scheme: GroupScheme,
     in_features: int | None, out_features: int | None,
@@ -205,17 +211,8 @@ def _check_dense_header(
         raise CheckpointError(f"{w.file}: tensor '{prefix}.weight' has shape {list(w.shape)}, "
                               "expected [out, in]")
     out, inp = (int(v) for v in w.shape)
-    if (out_features is not None and out != out_features) or (in_features is not None and inp != in_features):
-        raise CheckpointError(
-            f"{w.file}: tensor '{prefix}.weight' has shape {[out, inp]} but the model's layer is "
-            f"[{out_features}, {in_features}]"
-        )
-    gs = args.effective_group_size
-    if gs > 0 and inp % gs:
-        raise CheckpointError(
-            f"{w.file}: '{prefix}': in_features={inp} is not a multiple of group_size={gs} from {settings.source}"
-        )
-    ng = n_groups_for(inp, gs)
+    _, ng = _shape_and_groups(w.file, prefix, f"tensor '{prefix}.weight' has shape {[out, inp]}",
+                               (out, inp), (out_features, in_features), args, settings)
     scale_shape: tuple[int, ...] = (1,) if args.strategy == "tensor" else (out, ng)
     why = f"{scheme.format}, {args.describe()} from {settings.source}, weight [{out}, {inp}]"
     files.expect(f"{prefix}.weight_scale", FLOAT_CODES, scale_shape, why)
