@@ -11,14 +11,16 @@
   stacked samples) once per subset of modules, with forward hooks streaming inputs; each pass
   stops as soon as its subset has seen its inputs.
 
-Both give the same statistics sample by sample in the same order.
+Both give the same statistics sample by sample in the same order. When the block's float
+inputs were recorded (:mod:`ferroquant.floats`), both also hand each target's modifier, where it
+``needs_float_inputs``, the float rows of the same samples (``Modifier.add_float_pairs``).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -27,6 +29,9 @@ from .calls import Call, call_block
 from .hooks import HookRegistry, StopForward
 from .modifiers.base import Target
 from .report import LayerReport
+
+if TYPE_CHECKING:
+    from .floats import FloatInputs
 
 __all__ = ["OnePass", "calibrate_subsets", "execution_groups", "finish_unfired", "sample_rows"]
 
@@ -56,6 +61,16 @@ def _shareable(a: Target, b: Target) -> bool:
     return a.modifier is b.modifier and a.modifier.can_share(a, b)
 
 
+def _add(t: Target, state: Any, rows: list[torch.Tensor], label: str,
+         floats: FloatInputs | None, first: int, call: int, count: int) -> None:
+    """Streams ``rows`` (samples ``first ..``, the module's ``call``-th input in their
+    forward) into ``state``, with their float rows when the modifier asks for them."""
+    t.modifier.add_inputs(t, state, rows, label)
+    if floats is not None and t.modifier.needs_float_inputs:
+        t.modifier.add_float_pairs(t, state, floats.take(t, first, call, rows, count, label),
+                                   rows, label)
+
+
 class OnePass:
     """Forward pre-hooks for the batched pass over one block.
 
@@ -67,9 +82,11 @@ class OnePass:
     rolls the block back and takes the fallback path."""
 
     def __init__(self, targets: list[Target], label: str, solve_now: bool,
-                 n_samples: int, lengths: list[int] | None = None) -> None:
+                 n_samples: int, lengths: list[int] | None = None,
+                 floats: FloatInputs | None = None) -> None:
         self.n_samples = n_samples
         self.lengths = lengths
+        self.floats = floats
         self.by_id = {id(t.live): t for t in targets}
         self.label = label
         self.solve_now = solve_now
@@ -101,8 +118,8 @@ class OnePass:
         else:
             self.subset += 1
             state = t.modifier.new_state(t, x)
-            t.modifier.add_inputs(t, state, sample_rows(x, self.n_samples, self.lengths),
-                                  self.label)
+            _add(t, state, sample_rows(x, self.n_samples, self.lengths), self.label,
+                 self.floats, 0, 0, self.n_samples)
             self.last = (x, t, state)
         t.state = state
         self.fired_ids.add(id(module))
@@ -144,9 +161,12 @@ class _SubsetPass:
     ``diverged``, ends that forward, and the caller redoes the pass unshared. The forward also
     stops as soon as every module of the subset has seen its input for the sample."""
 
-    def __init__(self, groups: list[list[Target]], label: str, share: bool) -> None:
+    def __init__(self, groups: list[list[Target]], label: str, share: bool,
+                 floats: FloatInputs | None = None) -> None:
         self.parts = 1  # samples stacked in the current call (chunked runs)
+        self.first = 0  # the first of them
         self.lengths: list[int] | None = None  # their real lengths, when right-padded
+        self.floats = floats
         self.groups = groups
         self.targets = [t for g in groups for t in g]
         self.label = label
@@ -190,25 +210,26 @@ class _SubsetPass:
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"layer {t.name!r} was called without a tensor input")
             x = x.detach()
+            self.counts[key] = self.counts.get(key, 0) + 1
+            call = self.counts[key] - 1  # its calls so far in this sample's forward
             if shared:
-                self.counts[key] = self.counts.get(key, 0) + 1
-                if self.counts[key] > 1:
+                if call > 0:
                     self._diverge()
                 gx = self.group_x.get(gi)
                 if gx is None:
                     if gi not in self.shared_state:
                         self.shared_state[gi] = t.modifier.new_state(t, x)
                     self.group_x[gi] = x
-                    t.modifier.add_inputs(t, self.shared_state[gi],
-                                          sample_rows(x, self.parts, self.lengths), self.label)
+                    _add(t, self.shared_state[gi], sample_rows(x, self.parts, self.lengths),
+                         self.label, self.floats, self.first, call, self.parts)
                 elif gx is not x:
                     self._diverge()
                 t.state = self.shared_state[gi]
             else:
                 if t.state is None:
                     t.state = t.modifier.new_state(t, x)
-                t.modifier.add_inputs(t, t.state, sample_rows(x, self.parts, self.lengths),
-                                      self.label)
+                _add(t, t.state, sample_rows(x, self.parts, self.lengths), self.label,
+                     self.floats, self.first, call, self.parts)
             self.fired.add(key)
             if len(self.fired) == len(self.targets):
                 raise StopForward
@@ -218,18 +239,22 @@ class _SubsetPass:
 
 def calibrate_subsets(groups: list[list[Target]], label: str, run: Callable[[int], None],
                       n_calls: int, hooks: HookRegistry, sizes: list[int] | None = None,
-                      lengths: list[list[int] | None] | None = None) -> None:
+                      lengths: list[list[int] | None] | None = None,
+                      floats: FloatInputs | None = None) -> None:
     """Runs ``run(call)`` for every call under the subset's hooks (sharing statistics within
     groups, redone without sharing if a group does not hold). ``sizes``: how many samples
     each call stacks, when they are chunks of samples; ``lengths``: per call, the samples'
-    real lengths when they are right-padded."""
+    real lengths when they are right-padded; ``floats``: the block's float inputs."""
     for share in (True, False):
-        sp = _SubsetPass(groups, label, share)
+        sp = _SubsetPass(groups, label, share, floats)
         sp.install(hooks)
         try:
+            first = 0
             for s in range(n_calls):
                 sp.start_sample()
                 sp.parts = sizes[s] if sizes else 1
+                sp.first = first
+                first += sp.parts
                 sp.lengths = lengths[s] if lengths else None
                 try:
                     run(s)

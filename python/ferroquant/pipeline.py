@@ -14,6 +14,11 @@ modifiers (:mod:`ferroquant.modifiers`) quantize it. It knows no algorithm.
    quantization feed the next block, and the block returns to its original device. With the
    recipe's ``forward_dtype`` the passes run on a copy of the block in that dtype; weights are
    read from and written to the model's own modules and mirrored into the copy.
+   When a modifier ``needs_float_inputs``, a second stream carries the float model's hidden
+   states: each block first runs with its float weights over it (batched like the quantized
+   pass), recording the float inputs of that modifier's targets (:mod:`ferroquant.floats`)
+   and the next block's float inputs; the quantized pass then hands each target's modifier
+   its float rows beside its own (``Modifier.add_float_pairs``).
 4. Targets outside the blocks (an explicitly named ``lm_head``) are calibrated last with
    full-model forwards; modifiers ``end_calibration``.
 
@@ -52,6 +57,7 @@ from .calls import (
     to_device,
 )
 from .engines import OnePass, calibrate_subsets, execution_groups
+from .floats import FloatInputs, float_pass
 from .hooks import HookRegistry, StopForward
 from .modifiers.base import KVTarget, Modifier, Target
 from .report import LayerReport, QuantizationReport
@@ -81,6 +87,8 @@ class _Flow:
     paths: list[str] = field(default_factory=list)
     # samples of different lengths run as ONE right-padded entry: each sample's real length
     lengths: list[int] | None = None
+    # the float model's hidden states, laid out the same way, while a later block needs them
+    floats: _Flow | None = None
 
 
 class SequentialPipeline:
@@ -108,6 +116,8 @@ class SequentialPipeline:
         self.fdt = getattr(torch, forward_dtype) if forward_dtype else None
         self.blocks: Blocks = find_blocks(model, sequential_targets)
         self.hooks = HookRegistry()
+        self.float_until = 0  # blocks the float stream runs through (set by _initialize)
+        self.float_seconds = 0.0
 
     # ---- set-up ---------------------------------------------------------------------------
 
@@ -137,6 +147,16 @@ class SequentialPipeline:
                         f"layer {t.name!r} shares its weight with the input embeddings "
                         "(tie_word_embeddings); quantizing it would also change the "
                         "embeddings. Untie the weights first or drop it from the targets")
+        wants = [m for m in self.modifiers if m.needs_inputs and m.needs_float_inputs]
+        for m in wants:
+            if m.outside:
+                raise ValueError(
+                    f"layer {m.outside[0].name!r} is outside the decoder blocks, where "
+                    f"{type(m).__name__} cannot get the float model's inputs it needs (the "
+                    "float stream runs block by block); leave it out of the targets")
+        # the float stream runs up to the last block with a target that needs it
+        self.float_until = max((i + 1 for m in wants for i, ts in enumerate(m.per_block)
+                                if ts), default=0)
 
     def _block_targets(self, i: int) -> list[Target]:
         return [t for m in self.modifiers for t in m.per_block[i]]
@@ -170,6 +190,7 @@ class SequentialPipeline:
         model.eval()
         reports: list[LayerReport] = []
         phases = {"capture": 0.0, "blocks": 0.0, "outside": 0.0}
+        self.float_seconds = 0.0
         flow = _Flow([])
         try:
             with torch.no_grad():
@@ -185,6 +206,8 @@ class SequentialPipeline:
                 lengths = [int(h.shape[-2]) for h in flow.hiddens]
                 if self.chunk >= n > 1 and len(set(lengths)) > 1:
                     flow = self._capture_padded(calib, lengths)
+                if self.float_until:  # block 0's float inputs are the same embeddings
+                    flow.floats = _Flow(list(flow.hiddens), lengths=flow.lengths)
                 logger.info("ferroquant: %s (%s)", "one batched pass per block" if self.chunk >= n
                             else f"block passes per subset over chunks of {self.chunk} samples"
                             if self.chunk > 1 else "block passes per subset, sample by sample",
@@ -216,11 +239,13 @@ class SequentialPipeline:
             model.train(was_training)
 
         hessian, solve = inside
+        fl = self.float_seconds
         rep = QuantizationReport(
             reports, seconds=time.perf_counter() - t_start, num_samples=len(calib),
             num_tokens=calib.num_tokens, blocks=self.blocks.path, block_paths=flow.paths,
             phase_seconds={"capture": phases["capture"],
-                           "forward": max(0.0, phases["blocks"] - hessian - solve),
+                           "forward": max(0.0, phases["blocks"] - hessian - solve - fl),
+                           **({"float forward": fl} if self.float_until else {}),
                            "hessian": hessian, "solve": solve,
                            "outside blocks": phases["outside"]},
             kv_cache="; ".join(d for m in self.modifiers if (d := m.describe_kv())))
@@ -246,31 +271,36 @@ class SequentialPipeline:
     def _run_block(self, i: int, flow: _Flow, bar: Any) -> list[LayerReport]:
         bname, block = self.blocks.names[i], self.blocks.modules[i]
         targets = self._block_targets(i)
-        reports: list[LayerReport] = []
-        for m in self.modifiers:
-            reports += m.on_block_start(i, [t for t in m.per_block[i] if not m.needs_inputs])
-        calibrated = [t for t in targets if t.modifier.needs_inputs]
         kvs = self._block_kv(i)
         home = first_device(block)
-        block.to(self.dev)
         runner = block
         try:
-            runner = self._forward_copy(block, targets, kvs, bname)
-            self._install_block_hooks(i)
             memo: dict[int, Any] = {}
             bcalls = [Call(to_device(c.args, self.dev, memo, self.fdt),
                            to_device(c.kwargs, self.dev, memo, self.fdt), c.hidden_key)
                       for c in self.calls[i]]
+            floats = None
+            if flow.floats is not None:  # before anything of the block is quantized
+                block.to(self.dev)
+                floats = self._float_pass(i, bname, block, targets, flow, bcalls, bar)
+            reports: list[LayerReport] = []
+            for m in self.modifiers:
+                reports += m.on_block_start(i, [t for t in m.per_block[i] if not m.needs_inputs])
+            calibrated = [t for t in targets if t.modifier.needs_inputs]
+            block.to(self.dev)
+            runner = self._forward_copy(block, targets, kvs, bname)
+            self._install_block_hooks(i)
             done, why_not = None, ""
             if self.chunk >= len(flow.hiddens):
                 bar.set_postfix_str(f"{bname} batched")
-                done, why_not = self._batched(i, bname, runner, calibrated, kvs, flow, bcalls)
+                done, why_not = self._batched(i, bname, runner, calibrated, kvs, flow, bcalls,
+                                              floats)
             if done is not None:
                 flow.paths.append("batched")
                 reports += done
             else:
                 reports += self._fallback(i, bname, runner, calibrated, kvs, flow, bcalls,
-                                          why_not, bar)
+                                          why_not, bar, floats)
             self.calls[i] = []
             for m in self.modifiers:
                 m.on_block_end(i)
@@ -284,9 +314,51 @@ class SequentialPipeline:
             del runner
             block.to(home)
 
+    def _float_pass(self, i: int, bname: str, block: nn.Module, targets: list[Target],
+                    flow: _Flow, bcalls: list[Call], bar: Any) -> FloatInputs | None:
+        """Block ``i`` with its float weights over the float stream, batched as the quantized
+        pass is: its outputs become the next float stream, and the inputs of its targets
+        needing them are returned (None when none does)."""
+        t0 = time.perf_counter()
+        ff = flow.floats
+        assert ff is not None
+        bar.set_postfix_str(f"{bname} float")
+        wanted = [t for t in targets if t.modifier.needs_inputs and t.modifier.needs_float_inputs]
+        n = len(ff.hiddens)
+        lengths: list[list[int] | None] | None = None
+        hs, cs, sizes = ff.hiddens, bcalls, [1] * n
+        if ff.lengths is not None:  # the one padded entry
+            sizes, lengths = [len(ff.lengths)], [ff.lengths]
+        elif self.chunk > 1:
+            try:
+                if self.chunk >= n:
+                    h, c = batch_calls(ff.hiddens, bcalls, ff.stacked)
+                    hs, cs, sizes = [h], [c], [n]
+                else:
+                    hs, cs, sizes = chunk_calls(ff.hiddens, bcalls, self.chunk)
+            except Unbatchable:
+                pass  # sample by sample, as the quantized pass will go
+        runner = self._forward_copy(block, targets, [], bname)
+        try:
+            rec, outs = float_pass(runner, wanted, hs, cs, sizes, lengths, bname, self.hooks)
+        finally:
+            for t in targets:
+                t.live = t.module
+            del runner
+        if ff.lengths is not None:
+            ff.hiddens = outs
+        elif len(outs) == 1 and n > 1:
+            ff.stacked, ff.hiddens = outs[0], list(outs[0].split(1, 0))
+        else:
+            ff.stacked, ff.hiddens = None, [o[j:j + 1] for o in outs for j in range(o.shape[0])]
+        if i + 1 >= self.float_until:
+            flow.floats = None  # no later block needs the float stream
+        self.float_seconds += time.perf_counter() - t0
+        return rec if wanted else None
+
     def _batched(self, i: int, bname: str, runner: nn.Module, targets: list[Target],
-                 kvs: list[KVTarget], flow: _Flow, bcalls: list[Call]
-                 ) -> tuple[list[LayerReport] | None, str]:
+                 kvs: list[KVTarget], flow: _Flow, bcalls: list[Call],
+                 floats: FloatInputs | None) -> tuple[list[LayerReport] | None, str]:
         """The one-pass path; (reports, "") or (None, why it could not run) with the block's
         weights untouched."""
         if flow.lengths is not None:
@@ -298,7 +370,7 @@ class SequentialPipeline:
                 return None, str(e)
         saved = {id(t.module): t.module.weight.detach().clone() for t in targets}
         op = OnePass(targets, f"block {bname}", self._solve_now, int(hidden.shape[0]),
-                     flow.lengths)
+                     flow.lengths, floats)
         op.install(self.hooks)
         for k in kvs:  # every sample reaches the cache in one call: calibrate, then quantize
             k.quant.observing = k.quant.freeze_on_call = True
@@ -328,8 +400,8 @@ class SequentialPipeline:
         return reports, ""
 
     def _fallback(self, i: int, bname: str, runner: nn.Module, targets: list[Target],
-                  kvs: list[KVTarget], flow: _Flow, bcalls: list[Call], why_not: str, bar: Any
-                  ) -> list[LayerReport]:
+                  kvs: list[KVTarget], flow: _Flow, bcalls: list[Call], why_not: str, bar: Any,
+                  floats: FloatInputs | None) -> list[LayerReport]:
         """Subset by subset over single samples or chunks, then a pass for the outputs."""
         flow.stacked = None
         n = len(flow.hiddens)
@@ -364,7 +436,7 @@ class SequentialPipeline:
             for j, subset in enumerate(subsets):
                 bar.set_postfix_str(f"{bname} subset {j + 1}/{len(subsets)}")
                 calibrate_subsets(subset, f"block {bname}", run, len(hs), self.hooks, sizes,
-                                  lengths)
+                                  lengths, floats)
                 reports += [t.modifier.on_module_ready(t, j) for g in subset for t in g]
                 if j == kv_after:
                     self._calibrate_kv(kvs, runner, hs, cs, lengths)

@@ -17,6 +17,19 @@ Lifecycle (llm-compressor's ``QuantizationMixin``)::
                         quantization stays enabled
 
 The pipeline drives the calls; a call out of order raises :class:`LifecycleError`.
+
+Inputs. A modifier with ``needs_inputs`` gets each target's input activations in the
+calibration pass - the inputs of the model as it is being quantized, X~ - through ``new_state``
+and ``add_inputs(t, state, rows, label)``: one ``[tokens, features]`` tensor per sample, pads
+removed. One that also sets ``needs_float_inputs`` (GPTAQ, Qronos: statistics such as
+X X~^T or (X - X~) X~^T) gets, right after each ``add_inputs``,
+``add_float_pairs(t, state, float_rows, quant_rows, label)``: ``quant_rows`` are the rows just
+given to ``add_inputs`` and ``float_rows`` the FLOAT model's inputs X of the same module for the
+same samples and tokens, row for row (same shapes). The pipeline gets them from a second
+stream, the float model's hidden states, run through each block with its float weights before
+any of the block's targets is quantized (``QuantizationReport.phase_seconds["float
+forward"]``); they are held only while that block is calibrated. Such a modifier's targets
+must lie inside the decoder blocks.
 """
 
 from __future__ import annotations
@@ -103,6 +116,9 @@ class Modifier:
 
     #: whether the pipeline must stream each target's input activations to :meth:`add_inputs`
     needs_inputs: bool = False
+    #: with ``needs_inputs``: whether it also needs the float model's inputs of the same tokens
+    #: (:meth:`add_float_pairs`)
+    needs_float_inputs: bool = False
     #: whether modules fed the very same tensor may share one statistic (``new_state``)
     shares_inputs: bool = False
     #: quantize a block's modules in execution order, each seeing the earlier ones quantized
@@ -216,6 +232,13 @@ class Modifier:
     def add_inputs(self, t: Target, state: Any, rows: list[torch.Tensor], label: str) -> None:
         """Adds ``t``'s input activations to ``state``: one ``[tokens, features]`` tensor per
         calibration sample, in sample order, padding removed."""
+        raise NotImplementedError
+
+    def add_float_pairs(self, t: Target, state: Any, float_rows: list[torch.Tensor],
+                        quant_rows: list[torch.Tensor], label: str) -> None:
+        """With ``needs_float_inputs``, right after :meth:`add_inputs` got ``quant_rows``: the
+        float model's inputs of ``t`` for the same samples and tokens, tensor for tensor of
+        the same shape (equal to ``quant_rows`` while no upstream layer is quantized)."""
         raise NotImplementedError
 
     def on_module_ready(self, t: Target, subset: int) -> LayerReport:
