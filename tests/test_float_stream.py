@@ -174,13 +174,25 @@ def test_ragged_samples_keep_pads_out_of_the_pairs() -> None:
     _same_stats(sa, sb)
 
 
-def test_chunks_agree_with_the_per_sample_path(monkeypatch) -> None:
+def test_the_float_stream_memory_is_reserved_and_chunks_agree(monkeypatch) -> None:
+    # budget: half the "available" memory, less half the float stream's; a stacked pass of 5
+    # samples fits without the float stream, 2 at a time with it
+    widths = []
+
+    def reserve(hiddens, width):
+        widths.append(width)
+        return 6000
+
     monkeypatch.setattr(memory, "batch_bytes", lambda blocks, hiddens, heads: 1000 * len(hiddens))
-    monkeypatch.setattr(memory, "available_memory", lambda dev: 4 * 1000 + 1)
+    monkeypatch.setattr(memory, "available_memory", lambda dev: 2 * 5000 + 2)
+    monkeypatch.setattr(memory, "float_stream_bytes", reserve)
     calib = _calib(5)
     model = tiny_lm("opt")
+    rep = quantize(copy.deepcopy(model), GPTQ(group_size=16), calib, show_progress=False)
+    assert rep.block_paths == ["batched"] * 2 and not widths
     sa, ra = _run(copy.deepcopy(model), calib)
     assert ra.block_paths == ["chunks of 2"] * 2
+    assert widths == [4 * 64 + 96 + 64]  # q, k, v, out_proj, fc1 (64 each); fc2 (96)
     sb, _ = _run(model, calib, batched=False)
     _same_stats(sa, sb)
 
@@ -229,6 +241,17 @@ def test_modules_quantized_at_block_start_stay_out_of_the_float_stream() -> None
     for name in names:
         _close(pairs.stats[name]["F"], sum(a.T @ a for a in floats[name]), name)
         assert not pairs.stats[name]["same"], name
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_without_true_sequential_a_block_sees_only_upstream_blocks_quantized(
+        monkeypatch, batched: bool) -> None:
+    # statistics of the float block first, then its modules quantized: in block 0 X == X~
+    monkeypatch.setattr(PairStats, "sequential", False)
+    stats, _ = _run(tiny_lm("llama"), _calib(3), batched=batched)
+    assert len(stats) == 14
+    for name, s in stats.items():
+        assert s["same"] == (".layers.0." in name), name
 
 
 def test_targets_outside_the_blocks_are_refused() -> None:

@@ -10,7 +10,8 @@ from torch import nn
 
 from .blocks import Blocks, is_quantizable, linear_weight
 
-__all__ = ["attention_heads", "available_memory", "batch_bytes", "batching_plan"]
+__all__ = ["attention_heads", "available_memory", "batch_bytes", "batching_plan",
+           "float_stream_bytes"]
 
 
 def available_memory(dev: torch.device) -> int | None:
@@ -59,11 +60,23 @@ def batch_bytes(blocks: Blocks, hiddens: list[torch.Tensor], heads: int | None) 
     return n * seq * (6 * width + 4 * d) * el + 2 * n * h * seq * seq * max(el, 4)
 
 
+def float_stream_bytes(hiddens: list[torch.Tensor], record_width: int) -> int:
+    """Rough memory the float stream holds through a block's calibration, whichever path it
+    takes: its hidden states in and out, and the inputs recorded for the block's targets
+    (``record_width``: their input features per token, each module counted - an upper bound
+    where modules share one input)."""
+    n = sum(int(h.shape[0]) for h in hiddens)
+    seq, d = max(int(h.shape[-2]) for h in hiddens), int(hiddens[0].shape[-1])
+    return n * seq * (2 * d + record_width) * hiddens[0].element_size()
+
+
 def batching_plan(model: nn.Module, blocks: Blocks, hiddens: list[torch.Tensor],
-                   dev: torch.device, batched: bool | None) -> tuple[int, str]:
+                   dev: torch.device, batched: bool | None, reserved: int = 0
+                   ) -> tuple[int, str]:
     """(samples stacked per block call, why) for this run: all of them = the one-pass path
     (samples of different lengths right-padded to the longest); fewer = the subset-by-subset
-    path over chunks; 1 = sample by sample."""
+    path over chunks; 1 = sample by sample. ``reserved``: bytes held on ``dev`` whatever the
+    path (the float stream), taken from the memory a stacked pass may use."""
     n = len(hiddens)
     if batched is not None:
         return (n, "batched=True") if batched else (1, "batched=False")
@@ -79,6 +92,9 @@ def batching_plan(model: nn.Module, blocks: Blocks, hiddens: list[torch.Tensor],
         budget, have = 2 * gib, "free memory unknown, limit 2 GiB"
     else:
         budget, have = avail // 2, f"{avail / gib:.1f} GiB available, limit half"
+    if reserved:
+        budget -= reserved // 2
+        have += f", less half of ~{reserved / gib:.2f} GiB for the float stream"
     ragged = len({tuple(h.shape) for h in hiddens}) != 1
     if ragged and need > budget:
         return 1, (f"samples of different lengths: ~{need / gib:.2f} GiB of activations padded "

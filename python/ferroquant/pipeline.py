@@ -40,7 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import memory
-from .blocks import Blocks, find_blocks, is_quantizable
+from .blocks import Blocks, find_blocks, is_quantizable, linear_weight
 from .calibration import CalibrationSet
 from .calls import (
     Call,
@@ -158,6 +158,12 @@ class SequentialPipeline:
         self.float_until = max((i + 1 for m in wants for i, ts in enumerate(m.per_block)
                                 if ts), default=0)
 
+    def _float_width(self) -> int:
+        """The input features per token the float pass records in one block, at most."""
+        return max(sum(int(linear_weight(t.module)[0].shape[1]) for m in self.modifiers
+                       if m.needs_inputs and m.needs_float_inputs for t in m.per_block[i])
+                   for i in range(len(self.blocks)))
+
     def _block_targets(self, i: int) -> list[Target]:
         return [t for m in self.modifiers for t in m.per_block[i]]
 
@@ -200,8 +206,10 @@ class SequentialPipeline:
                 phases["capture"] = time.perf_counter() - t_start
                 for m in self.modifiers:
                     m.start_calibration(model)
+                reserved = (memory.float_stream_bytes(flow.hiddens, self._float_width())
+                            if self.float_until else 0)
                 self.chunk, why = memory.batching_plan(model, self.blocks, flow.hiddens,
-                                                       self.dev, self.batched)
+                                                       self.dev, self.batched, reserved)
                 n = len(flow.hiddens)
                 lengths = [int(h.shape[-2]) for h in flow.hiddens]
                 if self.chunk >= n > 1 and len(set(lengths)) > 1:
