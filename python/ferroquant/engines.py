@@ -161,12 +161,11 @@ class _SubsetPass:
     ``diverged``, ends that forward, and the caller redoes the pass unshared. The forward also
     stops as soon as every module of the subset has seen its input for the sample."""
 
-    def __init__(self, groups: list[list[Target]], label: str, share: bool,
-                 floats: FloatInputs | None = None) -> None:
+    def __init__(self, groups: list[list[Target]], label: str, share: bool) -> None:
         self.parts = 1  # samples stacked in the current call (chunked runs)
         self.first = 0  # the first of them
         self.lengths: list[int] | None = None  # their real lengths, when right-padded
-        self.floats = floats
+        self.floats: FloatInputs | None = None  # the block's float inputs, when recorded
         self.groups = groups
         self.targets = [t for g in groups for t in g]
         self.label = label
@@ -246,7 +245,8 @@ def calibrate_subsets(groups: list[list[Target]], label: str, run: Callable[[int
     each call stacks, when they are chunks of samples; ``lengths``: per call, the samples'
     real lengths when they are right-padded; ``floats``: the block's float inputs."""
     for share in (True, False):
-        sp = _SubsetPass(groups, label, share, floats)
+        sp = _SubsetPass(groups, label, share)
+        sp.floats = floats
         sp.install(hooks)
         try:
             first = 0

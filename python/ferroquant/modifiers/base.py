@@ -26,10 +26,11 @@ X X~^T or (X - X~) X~^T) gets, right after each ``add_inputs``,
 ``add_float_pairs(t, state, float_rows, quant_rows, label)``: ``quant_rows`` are the rows just
 given to ``add_inputs`` and ``float_rows`` the FLOAT model's inputs X of the same module for the
 same samples and tokens, row for row (same shapes). The pipeline gets them from a second
-stream, the float model's hidden states, run through each block with its float weights before
-any of the block's targets is quantized (``QuantizationReport.phase_seconds["float
-forward"]``); they are held only while that block is calibrated. Such a modifier's targets
-must lie inside the decoder blocks.
+stream, the float model's hidden states, run through each block with its float weights (in the
+recipe's ``forward_dtype`` when set, no activation quantization) before any of the block's
+targets is quantized (``QuantizationReport.phase_seconds["float forward"]``); they are held
+only while that block is calibrated. Such a modifier's targets must lie inside the decoder
+blocks.
 """
 
 from __future__ import annotations
