@@ -306,3 +306,20 @@ def test_dynamic_output_activations_put_each_output_token_on_its_grid() -> None:
     torch.testing.assert_close(final[0].reshape(expect.shape), expect, rtol=0, atol=1e-7)
     assert not torch.equal(final[0], raw[0])
     assert "fq_input" not in down.__dict__ and "fq_output" in down.__dict__
+
+
+@pytest.mark.parametrize("scheme", ["W8A8", "W4A16", "FP8_DYNAMIC"])
+def test_nothing_to_calibrate_runs_no_forward_and_changes_nothing(monkeypatch, scheme) -> None:
+    from ferroquant.pipeline import NO_PASS, SequentialPipeline
+
+    base = tiny_lm("llama")
+    recipe = {"scheme": scheme, **({"group_size": 16} if scheme == "W4A16" else {})}
+    fast = copy.deepcopy(base)
+    rep = quantize(fast, recipe, _calib(), method="rtn", show_progress=False)
+    assert rep.block_paths == [NO_PASS] * 2 and rep.phase_seconds["capture"] == 0.0
+    monkeypatch.setattr(SequentialPipeline, "_needs_data", lambda self: True)
+    slow = copy.deepcopy(base)
+    rep2 = quantize(slow, recipe, _calib(), method="rtn", show_progress=False)
+    assert rep2.block_paths == ["batched"] * 2
+    ids = random_ids(2, 16, seed=4)
+    assert torch.equal(_logits(fast, ids), _logits(slow, ids))

@@ -22,6 +22,10 @@ modifiers (:mod:`ferroquant.modifiers`) quantize it. It knows no algorithm.
 4. Targets outside the blocks (an explicitly named ``lm_head``) are calibrated last with
    full-model forwards; modifiers ``end_calibration``.
 
+When nothing is calibrated (round-to-nearest weights, dynamic activations only: no modifier
+needs inputs, no KV cache, no float stream) no forward runs at all: each block's targets are
+quantized where they are, which gives the same model as the passes would.
+
 Every hook and replaced ``forward`` is owned by one :class:`~ferroquant.hooks.HookRegistry`,
 closed whatever happens; after an error the modifiers ``abort`` and drop their statistics.
 """
@@ -62,7 +66,11 @@ from .hooks import HookRegistry, StopForward
 from .modifiers.base import KVTarget, Modifier, Target
 from .report import LayerReport, QuantizationReport
 
-__all__ = ["SequentialPipeline", "resolve_device"]
+__all__ = ["NO_PASS", "SequentialPipeline", "resolve_device"]
+
+#: a block's path when nothing is calibrated (round-to-nearest weights, dynamic activations):
+#: its targets are quantized in place and no forward runs
+NO_PASS = "no pass (nothing to calibrate)"
 
 logger = logging.getLogger("ferroquant")
 
@@ -117,6 +125,7 @@ class SequentialPipeline:
         self.blocks: Blocks = find_blocks(model, sequential_targets)
         self.hooks = HookRegistry()
         self.float_until = 0  # blocks the float stream runs through (set by _initialize)
+        self.reports: list[LayerReport] = []
         self.float_seconds = 0.0
 
     # ---- set-up ---------------------------------------------------------------------------
@@ -195,41 +204,17 @@ class SequentialPipeline:
         was_training = model.training
         model.eval()
         reports: list[LayerReport] = []
+        self.reports = reports  # what the block loops add to
         phases = {"capture": 0.0, "blocks": 0.0, "outside": 0.0}
         self.float_seconds = 0.0
         flow = _Flow([])
         try:
             with torch.no_grad():
-                hiddens, self.calls = capture_block_inputs(model, self.blocks, calib, self.hooks)
-                flow.hiddens = [h.to(self.dev, self.fdt) for h in hiddens]
-                del hiddens
-                phases["capture"] = time.perf_counter() - t_start
-                for m in self.modifiers:
-                    m.start_calibration(model)
-                reserved = (memory.float_stream_bytes(flow.hiddens, self._float_width())
-                            if self.float_until else 0)
-                self.chunk, why = memory.batching_plan(model, self.blocks, flow.hiddens,
-                                                       self.dev, self.batched, reserved)
-                n = len(flow.hiddens)
-                lengths = [int(h.shape[-2]) for h in flow.hiddens]
-                if self.chunk >= n > 1 and len(set(lengths)) > 1:
-                    flow = self._capture_padded(calib, lengths)
-                if self.float_until:  # block 0's float inputs are the same embeddings
-                    flow.floats = _Flow(list(flow.hiddens), lengths=flow.lengths)
-                logger.info("ferroquant: %s (%s)", "one batched pass per block" if self.chunk >= n
-                            else f"block passes per subset over chunks of {self.chunk} samples"
-                            if self.chunk > 1 else "block passes per subset, sample by sample",
-                            why)
-                t_blocks = time.perf_counter()
-                bar = tqdm(total=len(self.blocks), desc="calibrating", unit="block",
-                           disable=not self.show_progress)
-                try:
-                    for i in range(len(self.blocks)):
-                        reports += self._run_block(i, flow, bar)
-                        bar.update(1)
-                finally:
-                    bar.close()
-                phases["blocks"] = time.perf_counter() - t_blocks
+                if not self._needs_data():
+                    phases["blocks"] = self._run_without_data()
+                    flow.paths = [NO_PASS] * len(self.blocks)
+                else:
+                    phases["capture"], phases["blocks"] = self._run_blocks(calib, flow, t_start)
                 inside = self._solver_seconds()
                 del flow.hiddens, flow.stacked
                 t_out = time.perf_counter()
@@ -260,6 +245,61 @@ class SequentialPipeline:
         model.fq_report = rep
         logger.info("ferroquant report\n%s", rep.table())
         return rep
+
+    def _needs_data(self) -> bool:
+        """Whether anything is calibrated: a modifier needing inputs, a KV cache or the float
+        stream. Otherwise (round-to-nearest weights, dynamic activations) no forward is run."""
+        return (any(m.needs_inputs for m in self.modifiers) or self.float_until > 0
+                or any(self._block_kv(i) for i in range(len(self.blocks))))
+
+    def _run_without_data(self) -> float:
+        """Every block's targets quantized where they are, with no forward; seconds taken."""
+        t0 = time.perf_counter()
+        for m in self.modifiers:
+            m.start_calibration(self.model)
+        for i in tqdm(range(len(self.blocks)), desc="quantizing", unit="block",
+                      disable=not self.show_progress):
+            for m in self.modifiers:
+                self.reports += m.on_block_start(i, m.per_block[i])
+                m.on_block_end(i)
+        return time.perf_counter() - t0
+
+    def _run_blocks(self, calib: CalibrationSet, flow: _Flow, t_start: float
+                    ) -> tuple[float, float]:
+        """Captures the blocks' inputs and calibrates block by block; (capture, blocks)
+        seconds."""
+        model = self.model
+        hiddens, self.calls = capture_block_inputs(model, self.blocks, calib, self.hooks)
+        flow.hiddens = [h.to(self.dev, self.fdt) for h in hiddens]
+        del hiddens
+        capture = time.perf_counter() - t_start
+        for m in self.modifiers:
+            m.start_calibration(model)
+        reserved = (memory.float_stream_bytes(flow.hiddens, self._float_width())
+                    if self.float_until else 0)
+        self.chunk, why = memory.batching_plan(model, self.blocks, flow.hiddens,
+                                               self.dev, self.batched, reserved)
+        n = len(flow.hiddens)
+        lengths = [int(h.shape[-2]) for h in flow.hiddens]
+        if self.chunk >= n > 1 and len(set(lengths)) > 1:
+            padded = self._capture_padded(calib, lengths)
+            flow.hiddens, flow.lengths = padded.hiddens, padded.lengths
+        if self.float_until:  # block 0's float inputs are the same embeddings
+            flow.floats = _Flow(list(flow.hiddens), lengths=flow.lengths)
+        logger.info("ferroquant: %s (%s)", "one batched pass per block" if self.chunk >= n
+                    else f"block passes per subset over chunks of {self.chunk} samples"
+                    if self.chunk > 1 else "block passes per subset, sample by sample",
+                    why)
+        t_blocks = time.perf_counter()
+        bar = tqdm(total=len(self.blocks), desc="calibrating", unit="block",
+                   disable=not self.show_progress)
+        try:
+            for i in range(len(self.blocks)):
+                self.reports += self._run_block(i, flow, bar)
+                bar.update(1)
+        finally:
+            bar.close()
+        return capture, time.perf_counter() - t_blocks
 
     def _capture_padded(self, calib: CalibrationSet, lengths: list[int]) -> _Flow:
         """Samples of different lengths, re-recorded as one right-padded batch so every block
