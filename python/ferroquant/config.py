@@ -26,6 +26,7 @@ class name such as ``"Linear"``.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -391,6 +392,11 @@ class GPTQ(BaseModel):
         unreached_policy: what to do with a target that no calibration token reached (e.g. an
             unrouted expert): ``"rtn"`` round-to-nearest with a warning and a note in the report,
             or ``"error"``.
+        gptaq_alpha: GPTAQ (Li et al., ICML 2025; 0.25 in the paper): each layer is fitted to the
+            FLOAT model's output rather than to its own inputs' - beside the Hessian the float
+            model's inputs X of every target are run (one more forward per block) and
+            ``(X - X~) X~^T`` accumulated; this weighs the extra error-compensation term.
+            ``None`` or 0: plain GPTQ (the default). CPU solver only.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -410,6 +416,7 @@ class GPTQ(BaseModel):
     kv_cache_scheme: ActivationArgs | None = None
     sequential_targets: list[str] | None = None
     unreached_policy: Literal["rtn", "error"] = "rtn"
+    gptaq_alpha: float | None = None
 
     @field_validator("targets", "ignore", "sequential_targets", mode="before")
     @classmethod
@@ -452,6 +459,13 @@ class GPTQ(BaseModel):
             return None
         if v is False:
             return None
+        return v
+
+    @field_validator("gptaq_alpha")
+    @classmethod
+    def _gptaq_alpha(cls, v: float | None) -> float | None:
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"gptaq_alpha must be a finite number >= 0 (or None), got {v}")
         return v
 
     @model_validator(mode="after")

@@ -178,6 +178,30 @@ class HessianAccumulator:
         return torch.from_numpy(self._acc.hessian())
 
 
+class CrossAccumulator:
+    """Streams GPTAQ's ``(X - X~) X~^T`` from pairs of float-model and quantized-model inputs
+    ``[..., in_features]`` of the same tokens, with :class:`HessianAccumulator`'s scaling."""
+
+    def __init__(self, in_features: int) -> None:
+        self._acc = _core.CrossAccumulator(in_features)
+
+    def add_batch(self, float_rows: torch.Tensor, quant_rows: torch.Tensor) -> None:
+        n = int(self._acc.columns)
+        if float_rows.shape != quant_rows.shape or quant_rows.shape[-1] != n:
+            raise ValueError(f"float_rows {list(float_rows.shape)} and quant_rows "
+                             f"{list(quant_rows.shape)}: expected the same shape [..., {n}]")
+        f = _cpu(float_rows, "float_rows").reshape(-1, n).to(torch.float32).contiguous()
+        q = _cpu(quant_rows, "quant_rows").reshape(-1, n).to(torch.float32).contiguous()
+        self._acc.add_batch(f.numpy(), q.numpy())
+
+    @property
+    def samples(self) -> int:
+        return int(self._acc.samples)
+
+    def dxxt(self) -> torch.Tensor:  # float32 [in, in]
+        return torch.from_numpy(self._acc.dxxt())
+
+
 # --------------------------------------------------------------------------------------------
 # quantization
 # --------------------------------------------------------------------------------------------
@@ -216,8 +240,13 @@ def gptq_quantize(
     observer: str = "minmax",  # or "mse"
     name: str | None = None,  # layer name, prefixed to error messages
     scale_dtype: str | torch.dtype = "float32",
+    dxxt: torch.Tensor | None = None,  # float32 [in, in]: GPTAQ's (X - X~) X~^T
+    gptaq_alpha: float = 0.25,
 ) -> LayerQuantResult:
     """GPTQ-quantizes one layer; results are on ``weight``'s device.
+
+    With ``dxxt`` (:class:`CrossAccumulator`, scaled like ``hessian``) the solve is GPTAQ's,
+    its extra term weighed by ``gptaq_alpha``; ``loss`` is then against GPTAQ's moving target.
 
     ``scale_dtype`` is the dtype the checkpoint stores scales in (float16 for the GPTQ format,
     the model's dtype for compressed-tensors): every scale is rounded to it before codes are
@@ -240,6 +269,8 @@ def gptq_quantize(
             damp_max=damp_max,
             observer=observer,
             scale_dtype=_scale_dtype(scale_dtype),
+            dxxt=None if dxxt is None else _float32(dxxt, "dxxt"),
+            gptaq_alpha=float(gptaq_alpha),
         )
         return _result(r, weight.device)
 

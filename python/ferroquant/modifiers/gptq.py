@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -49,6 +50,11 @@ class GPTQModifier(WeightModifier):
         self.sequential = recipe.true_sequential
         self.report_rtn_loss = report_rtn_loss
         self._label = ""
+        # GPTAQ: the float model's inputs too, and (X - X~) X~^T per statistic
+        self.gptaq_alpha = recipe.gptaq_alpha or None
+        self.needs_float_inputs = self.gptaq_alpha is not None
+        self._cross: weakref.WeakKeyDictionary[Any, solver.CrossAccumulator] = (
+            weakref.WeakKeyDictionary())
 
     # ---- statistics -----------------------------------------------------------------------
 
@@ -75,6 +81,24 @@ class GPTQModifier(WeightModifier):
         except ValueError as e:
             check_finite(x, f"the input activations of layer {name!r} ({label})")
             raise ValueError(f"layer {name!r}: {e}") from e
+        finally:
+            self.seconds["hessian"] += time.perf_counter() - t0
+
+    def add_float_pairs(self, t: Target, state: Any, float_rows: list[torch.Tensor],
+                        quant_rows: list[torch.Tensor], label: str) -> None:
+        """GPTAQ: folds ``(X - X~) X~^T`` of each sample into the state's cross accumulator,
+        sample by sample like the Hessian (same scaling)."""
+        t0 = time.perf_counter()
+        try:
+            acc = self._cross.get(state)
+            for f, q in zip(float_rows, quant_rows, strict=True):
+                if acc is None:
+                    acc = self._cross[state] = solver.CrossAccumulator(q.shape[-1])
+                try:
+                    acc.add_batch(f, q)
+                except ValueError as e:
+                    check_finite(f, f"the float-model inputs of layer {t.name!r} ({label})")
+                    raise ValueError(f"layer {t.name!r}: {e}") from e
         finally:
             self.seconds["hessian"] += time.perf_counter() - t0
 
@@ -118,11 +142,20 @@ class GPTQModifier(WeightModifier):
         # ported yet, so that observer solves on the CPU
         on_gpu = isinstance(t.state.core, fqcuda.HessianAccumulator) and a.observer != "mse"
         backend: Any = fqcuda if on_gpu else solver
+        extra: dict[str, Any] = {}
+        if self.gptaq_alpha is not None:  # GPTAQ: CPU solver only
+            backend = solver
+            cross = self._cross.get(t.state)
+            if cross is None or cross.samples != samples:
+                raise RuntimeError(
+                    f"layer {t.name!r}: GPTAQ needs the float model's inputs of every sample "
+                    f"({samples} tokens seen, {0 if cross is None else cross.samples} paired)")
+            extra = {"dxxt": cross.dxxt(), "gptaq_alpha": self.gptaq_alpha}
         res = backend.gptq_quantize(
             w, h, bits=a.num_bits, symmetric=a.symmetric, group_size=a.effective_group_size,
             act_order=a.actorder is not None, static_groups=a.actorder == "static",
             block_size=self.recipe.block_size, damp_percent=self.recipe.dampening_frac,
-            observer=a.observer, name=t.name, **self.solver_options,
+            observer=a.observer, name=t.name, **self.solver_options, **extra,
         )
         rtn_loss = None
         if self.report_rtn_loss:
@@ -139,7 +172,8 @@ class GPTQModifier(WeightModifier):
                 f"(tried {', '.join(f'{x:.3g}' for x in attempts)})", RuntimeWarning,
                 stacklevel=2)
         return self.apply(
-            t, res, subset, method="gptq", loss=float(res.loss), samples=samples,
+            t, res, subset, method="gptq" if self.gptaq_alpha is None else "gptaq",
+            loss=float(res.loss), samples=samples,
             seconds=seconds, damp_frac=float(res.damp_frac), damp_attempts=attempts,
             dead_columns=len(res.dead_columns), rtn_loss=rtn_loss)
 

@@ -27,6 +27,30 @@
 //! mid-batch the reference fits on its lazily-updated `W`, which still lacks the current
 //! batch's updates, so its result depends on the block size (by up to ~20% loss at 2 bits on
 //! small tests, either way); ours equals the unbatched algorithm for every block size.
+//!
+//! GPTAQ ([`gptaq_quantize`]; Li et al., ICML 2025). With `X` the float model's inputs of the
+//! layer and `X~` the partly quantized model's, `H = X~ X~ᵀ` and `dXXᵀ = (X - X~) X~ᵀ` (same
+//! per-sample scaling). Quantizing column k leaves the error `w_k X_k - q_k X~_k =
+//! (w_k - q_k) X~_k + w_k dX_k`; GPTQ spreads the first term over the later columns, GPTAQ also
+//! the second: the least-squares compensation of `w_k dX_k` by the columns `F = {l > k}` is
+//! `w_k dXXᵀ[k, F] H_FF⁻¹`, and `H_FF⁻¹ = U_FFᵀ U_FF` (U the upper Cholesky factor of `H⁻¹`),
+//! which for every k at once is the strictly upper matrix
+//!
+//! ```text
+//!   P = α · triu₁(dXXᵀ Uᵀ) · U,        W'_j = W_j + Σ_{k<j} (W'_k P_kj - E_k U_kj)
+//! ```
+//!
+//! with `W'_k` the column's value just before it is quantized and `α` (0.25 in the paper) a
+//! damping of the extra term. Writing `A_j = W_j + Σ_{k<j} W'_k P_kj` (the target the column
+//! holds when it is quantized), the GPTQ identity above holds with `W` replaced by `A`, so the
+//! same kernel runs it with `D = A - Q` and a second rank update `W'_k P_k,:` applied to both
+//! `W'` and `A`; group grids are recovered the same way from `A`. `P` costs two triangular
+//! solves with `U'` (`Uᵀ = U'⁻ᵀ`, `U = U'⁻¹`). The peers' implementations (the paper's code,
+//! GPTQModel) apply the term across lazy batches with the QUANTIZED batch (their `W1` holds
+//! `Q1` once the batch is done) and within a batch with the pre-quantization value, so their
+//! result depends on the block size; here it is the pre-quantization value throughout, which
+//! is theirs exactly for layers of at most one block. The reported loss is
+//! `tr((A - Q) H (A - Q)ᵀ)` (the quantity the recurrence minimises column by column).
 
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
@@ -86,6 +110,45 @@ pub fn gptq_quantize(
     rows: usize,
     cols: usize,
     hessian: &[f32],
+    opts: &GptqOptions,
+) -> Result<GptqResult> {
+    solve(weight, rows, cols, hessian, None, opts)
+}
+
+/// GPTAQ: GPTQ fitted to the float model's output (see the module documentation).
+/// `dxxt` is `(X - X~) X~ᵀ` (`[cols, cols]`, row-major, row = float-minus-quantized input
+/// feature) scaled like `hessian`; `alpha` weighs the extra term (0.25 in the paper; 0 gives
+/// plain GPTQ's result).
+pub fn gptaq_quantize(
+    weight: &[f32],
+    rows: usize,
+    cols: usize,
+    hessian: &[f32],
+    dxxt: &[f32],
+    alpha: f32,
+    opts: &GptqOptions,
+) -> Result<GptqResult> {
+    if cols.checked_mul(cols) != Some(dxxt.len()) {
+        return Err(Error::InvalidArgument(format!(
+            "gptaq: dxxt has {} values, expected cols*cols = {cols}*{cols}",
+            dxxt.len()
+        )));
+    }
+    if !alpha.is_finite() {
+        return Err(Error::InvalidArgument(format!(
+            "gptaq: alpha must be finite, got {alpha}"
+        )));
+    }
+    check_finite(dxxt, cols, "dxxt")?;
+    solve(weight, rows, cols, hessian, Some((dxxt, alpha)), opts)
+}
+
+fn solve(
+    weight: &[f32],
+    rows: usize,
+    cols: usize,
+    hessian: &[f32],
+    gptaq: Option<(&[f32], f32)>,
     opts: &GptqOptions,
 ) -> Result<GptqResult> {
     let grid = check_common(
@@ -153,6 +216,7 @@ pub fn gptq_quantize(
         return Err(bad_pivot(diag[j], j, damp_frac));
     }
     let inv_diag: Vec<f32> = diag.iter().map(|d| 1.0 / d).collect();
+    let pmat = gptaq.map(|(dxxt, alpha)| gptaq_p(dxxt, alpha, &factor, cols, &order, &dead_orig));
     let mut v = factor;
     v.par_chunks_mut(cols).enumerate().for_each(|(k, row)| {
         for (x, s) in row[k + 1..].iter_mut().zip(&inv_diag[k + 1..]) {
@@ -203,6 +267,10 @@ pub fn gptq_quantize(
     // With act-order, reading the original weight at `order[p]` scatters over every row each
     // batch (cache misses dominate); one processing-order copy (= the initial W') avoids it.
     let weight_p = opts.act_order.then(|| wp.clone());
+    // GPTAQ: the running target A (processing order, starts as the dead-zeroed W) and the
+    // batch's pre-quantization columns.
+    let mut amat = pmat.as_ref().map(|_| wp.clone());
+    let mut wqblk = vec![0.0f32; if pmat.is_some() { rows * bs } else { 0 }];
     let ctx = SolveCtx {
         cols,
         weight_p: weight_p.as_deref().unwrap_or(weight),
@@ -223,9 +291,20 @@ pub fn gptq_quantize(
     let mut sum_d2 = vec![0.0f64; rows];
     for i1 in (0..cols).step_by(bs) {
         let i2 = (i1 + bs).min(cols);
-        let pack = BatchPack::new(&v, cols, i1, i2, grid);
+        let pack = BatchPack::new(&v, pmat.as_deref(), cols, i1, i2, grid);
+        let a_tiles: Vec<Option<&mut [f32]>> = match amat.as_mut() {
+            Some(a) => a.chunks_mut(LANES * cols).map(Some).collect(),
+            None => (0..rows.div_ceil(LANES)).map(|_| None).collect(),
+        };
+        let wq_tiles: Vec<Option<&mut [f32]>> = if pmat.is_some() {
+            wqblk.chunks_mut(LANES * bs).map(Some).collect()
+        } else {
+            (0..rows.div_ceil(LANES)).map(|_| None).collect()
+        };
         // Tiles of LANES rows: every per-column step runs on all rows of a tile at once.
         wp.par_chunks_mut(LANES * cols)
+            .zip(a_tiles.into_par_iter().zip(wq_tiles.into_par_iter()))
+            .map(|(w, (a, wq))| (w, a, wq))
             .zip(dblk.par_chunks_mut(LANES * bs))
             .zip(codes_p.par_chunks_mut(LANES * cols))
             .zip(scales.par_chunks_mut(LANES * n_groups))
@@ -239,11 +318,14 @@ pub fn gptq_quantize(
             .for_each_init(
                 || TileScratch::new(bs, gmax),
                 |scratch, (t, (((((w, d), c), s), z), (e2, d2)))| {
+                    let (w, a, wq) = w;
                     ctx.solve_tile(
                         t * LANES,
                         &pack,
                         TileBufs {
                             w,
+                            a,
+                            wq,
                             d,
                             c,
                             s,
@@ -263,6 +345,20 @@ pub fn gptq_quantize(
                 MatRef::from_row_major_slice_with_stride(&v[i1 * cols + i2..], count, rest, cols);
             let dst = row_major_strided_mut(&mut wp[i2..], rows, rest, cols);
             matmul(dst, Accum::Add, lhs, rhs, 1.0f32, Par::rayon(0));
+            if let (Some(pm), Some(a)) = (pmat.as_deref(), amat.as_mut()) {
+                // GPTAQ's term: W'[:, i2:] and A[:, i2:] += W'_pre[:, i1:i2] P[i1:i2, i2:].
+                let lhs = MatRef::from_row_major_slice_with_stride(&wqblk[..], rows, count, bs);
+                let rhs = MatRef::from_row_major_slice_with_stride(
+                    &pm[i1 * cols + i2..],
+                    count,
+                    rest,
+                    cols,
+                );
+                let dst = row_major_strided_mut(&mut wp[i2..], rows, rest, cols);
+                matmul(dst, Accum::Add, lhs, rhs, 1.0f32, Par::rayon(0));
+                let dst = row_major_strided_mut(&mut a[i2..], rows, rest, cols);
+                matmul(dst, Accum::Add, lhs, rhs, 1.0f32, Par::rayon(0));
+            }
         }
         if matches!(grid, GroupMode::Dynamic(_)) {
             // Groups fitted in this batch; unfitted entries are still 0 (finite).
@@ -379,6 +475,49 @@ pub fn rtn_quantize(
         damp_attempts: Vec::new(),
         dead: Vec::new(),
     })
+}
+
+/// GPTAQ's `P = α · triu₁(dXXᵀ Uᵀ) · U` in processing order (`[cols, cols]`, row-major,
+/// strictly upper), from the damped factor `U'` (`U = U'⁻¹`): `M = G U'⁻ᵀ` is the upper solve
+/// `U' Mᵀ = Gᵀ` and `P = triu₁(M) U'⁻¹` the lower solve `U'ᵀ Pᵀ = triu₁(M)ᵀ` (a row-major
+/// buffer read column-major is the transpose, so neither needs a copy). Dead inputs' rows and
+/// columns of `dXXᵀ` are zeroed (their `X~` is zero, and their weights are zeroed).
+fn gptaq_p(
+    dxxt: &[f32],
+    alpha: f32,
+    factor: &[f32],
+    cols: usize,
+    order: &[usize],
+    dead_orig: &[bool],
+) -> Vec<f32> {
+    let mut g = vec![0.0f32; cols * cols];
+    g.par_chunks_mut(cols).enumerate().for_each(|(i, row)| {
+        let oi = order[i];
+        if dead_orig[oi] {
+            return;
+        }
+        let src = &dxxt[oi * cols..(oi + 1) * cols];
+        for (x, &o) in row.iter_mut().zip(order) {
+            *x = if dead_orig[o] { 0.0 } else { src[o] };
+        }
+    });
+    let u = MatRef::from_row_major_slice(factor, cols, cols);
+    // Column-major view of row-major G = Gᵀ; solved in place it holds Mᵀ, i.e. M row-major.
+    faer::linalg::triangular_solve::solve_upper_triangular_in_place(
+        u,
+        MatMut::from_column_major_slice_mut(&mut g, cols, cols),
+        Par::rayon(0),
+    );
+    g.par_chunks_mut(cols).enumerate().for_each(|(i, row)| {
+        row[..=i].fill(0.0);
+    });
+    faer::linalg::triangular_solve::solve_lower_triangular_in_place(
+        u.transpose(),
+        MatMut::from_column_major_slice_mut(&mut g, cols, cols),
+        Par::rayon(0),
+    );
+    g.par_iter_mut().for_each(|x| *x *= alpha);
+    g
 }
 
 /// `tr((W - Q) H (W - Q)ᵀ)` computed directly in f64 (rows in chunks, one f64 GEMM each).
@@ -572,6 +711,10 @@ unsafe fn lanes_axpy_avx2(xs: &mut [Lanes], a: &Lanes, v: &[f32]) {
 struct TileBufs<'a> {
     /// W' rows (processing order); quantized columns hold their dequantized value.
     w: &'a mut [f32],
+    /// GPTAQ: the running target A rows (processing order; see the module documentation).
+    a: Option<&'a mut [f32]>,
+    /// GPTAQ: this batch's columns just before quantization, `[nr, bs]`.
+    wq: Option<&'a mut [f32]>,
     /// D = W - Q of this batch's columns, `[nr, bs]`.
     d: &'a mut [f32],
     /// Codes (processing order).
@@ -590,8 +733,11 @@ struct TileScratch {
     xs: Vec<Lanes>,
     /// The batch's D columns of the tile.
     ds: Vec<Lanes>,
-    /// The batch's original (dead-zeroed) weights of the tile, gathered once per batch.
+    /// The batch's original (dead-zeroed) weights of the tile, gathered once per batch
+    /// (GPTAQ: the running target A, updated column by column).
     os: Vec<Lanes>,
+    /// GPTAQ: the batch's columns just before quantization.
+    ws: Vec<Lanes>,
     /// A group's state while its grid is fitted.
     t: Vec<Lanes>,
     /// One row's group values (MSE observer).
@@ -604,6 +750,7 @@ impl TileScratch {
             xs: vec![[0.0; LANES]; bs],
             ds: vec![[0.0; LANES]; bs],
             os: vec![[0.0; LANES]; bs],
+            ws: vec![[0.0; LANES]; bs],
             t: vec![[0.0; LANES]; g],
             vals: vec![0.0; g],
         }
@@ -629,13 +776,17 @@ struct SolveCtx<'a> {
 // vectorise the same.
 #[allow(clippy::needless_range_loop)]
 impl SolveCtx<'_> {
-    /// Original (dead-zeroed) weight of rows `r0..r0+nr` at processing position `p`.
+    /// Original (dead-zeroed) weight of rows `r0..r0+nr` at processing position `p`, or with
+    /// GPTAQ the running target `a` (the tile's rows).
     #[inline(always)]
-    fn orig(&self, r0: usize, nr: usize, p: usize) -> Lanes {
+    fn orig(&self, a: Option<&[f32]>, r0: usize, nr: usize, p: usize) -> Lanes {
         let mut o = [0.0; LANES];
         if !self.dead[p] {
             for (l, x) in o.iter_mut().enumerate().take(nr) {
-                *x = self.weight_p[(r0 + l) * self.cols + p];
+                *x = match a {
+                    Some(a) => a[l * self.cols + p],
+                    None => self.weight_p[(r0 + l) * self.cols + p],
+                };
             }
         }
         o
@@ -680,7 +831,7 @@ impl SolveCtx<'_> {
         &self,
         r0: usize,
         pack: &BatchPack,
-        b: TileBufs<'_>,
+        mut b: TileBufs<'_>,
         sc: &mut TileScratch,
     ) {
         let cols = self.cols;
@@ -700,7 +851,7 @@ impl SolveCtx<'_> {
         // per-column dependency chain.
         let os = &mut sc.os[..count];
         for (j, o) in os.iter_mut().enumerate() {
-            *o = self.orig(r0, nr, i1 + j);
+            *o = self.orig(b.a.as_deref(), r0, nr, i1 + j);
         }
         // Unused lanes (nr < LANES) run on zeros with a harmless grid and are never stored.
         let (mut scale, mut zero): (Lanes, Lanes) = ([1.0; LANES], [0.0; LANES]);
@@ -751,6 +902,7 @@ impl SolveCtx<'_> {
                             xs,
                             os,
                             &sc.ds[..count],
+                            &sc.ws[..count],
                             &b,
                             &mut sc.t,
                             &mut sc.vals,
@@ -791,6 +943,13 @@ impl SolveCtx<'_> {
             let (head, tail) = xs.split_at_mut(j + 1);
             head[j] = q;
             let vrow = &pack.tri[off..off + tail.len()];
+            if let Some(ptri) = pack.ptri.as_deref() {
+                // GPTAQ: W' and A of the later columns += w_pre P[p, later].
+                let prow = &ptri[off..off + tail.len()];
+                lanes_axpy::<AVX>(tail, &w, prow);
+                lanes_axpy::<AVX>(&mut os[j + 1..], &w, prow);
+                sc.ws[j] = w;
+            }
             off += tail.len();
             lanes_axpy::<AVX>(tail, &d, vrow);
         }
@@ -798,6 +957,12 @@ impl SolveCtx<'_> {
             for j in 0..count {
                 b.w[l * cols + i1 + j] = xs[j][l];
                 b.d[l * bs + j] = sc.ds[j][l];
+            }
+            if let (Some(a), Some(wq)) = (b.a.as_deref_mut(), b.wq.as_deref_mut()) {
+                for j in 0..count {
+                    a[l * cols + i1 + j] = os[j][l];
+                    wq[l * bs + j] = sc.ws[j][l];
+                }
             }
             b.e2[l] += se[l];
             b.d2[l] += sd[l];
@@ -824,6 +989,7 @@ impl SolveCtx<'_> {
         xs: &[Lanes],
         os: &[Lanes],
         ds: &[Lanes],
+        ws: &[Lanes],
         b: &TileBufs<'_>,
         t: &mut [Lanes],
         vals: &mut [f32],
@@ -842,17 +1008,35 @@ impl SolveCtx<'_> {
                 }
             }
         }
+        // GPTAQ: the target A of the columns past the batch, with this batch's columns i1..p.
+        let mut ao = Vec::new();
         if end > i2 {
             // Columns past the batch still lack the update of this batch's columns i1..p.
             for (dk, vrow) in ds[..p - i1].iter().zip(gp.rect.chunks_exact(end - i2)) {
                 lanes_axpy::<AVX>(&mut t[i2 - p..], dk, vrow);
             }
+            if let Some(prect) = gp.prect.as_deref() {
+                ao = (i2..end)
+                    .map(|c| self.orig(b.a.as_deref(), r0, nr, c))
+                    .collect();
+                for (wk, prow) in ws[..p - i1].iter().zip(prect.chunks_exact(end - i2)) {
+                    lanes_axpy::<AVX>(&mut t[i2 - p..], wk, prow);
+                    lanes_axpy::<AVX>(&mut ao, wk, prow);
+                }
+                for (x, &c) in ao.iter_mut().zip(&(i2..end).collect::<Vec<_>>()) {
+                    if self.dead[c] {
+                        *x = [0.0; LANES];
+                    }
+                }
+            }
         }
         let orig = |c: usize| {
             if c < i2 {
                 os[c - i1]
+            } else if !ao.is_empty() {
+                ao[c - i2]
             } else {
-                self.orig(r0, nr, c)
+                self.orig(b.a.as_deref(), r0, nr, c)
             }
         };
         for (a, x) in t.iter_mut().enumerate() {
@@ -916,6 +1100,8 @@ struct BatchPack {
     i2: usize,
     /// Row j: `V[i1+j, i1+j+1..i2]`, rows back to back.
     tri: Vec<f32>,
+    /// GPTAQ: the same entries of P.
+    ptri: Option<Vec<f32>>,
     /// Dynamic groups starting in this batch, in order.
     groups: Vec<GroupPack>,
 }
@@ -925,42 +1111,58 @@ struct GroupPack {
     end: usize,
     /// When the group runs past the batch: rows `kk in i1..p` of `V[kk, i2..end]`.
     rect: Vec<f32>,
+    /// GPTAQ: the same entries of P.
+    prect: Option<Vec<f32>>,
     /// Row a: `V[p+a, p+a+1..end]`, rows back to back.
     tri: Vec<f32>,
 }
 
 impl BatchPack {
-    fn new(v: &[f32], cols: usize, i1: usize, i2: usize, grid: GroupMode) -> Self {
-        let upper = |from: usize, to: usize| -> Vec<f32> {
+    fn new(
+        v: &[f32],
+        pm: Option<&[f32]>,
+        cols: usize,
+        i1: usize,
+        i2: usize,
+        grid: GroupMode,
+    ) -> Self {
+        let upper = |m: &[f32], from: usize, to: usize| -> Vec<f32> {
             let mut out = Vec::with_capacity((to - from) * (to - from).saturating_sub(1) / 2);
             for j in from..to {
-                out.extend_from_slice(&v[j * cols + j + 1..j * cols + to]);
+                out.extend_from_slice(&m[j * cols + j + 1..j * cols + to]);
             }
             out
+        };
+        let rect_of = |m: &[f32], p: usize, end: usize| -> Vec<f32> {
+            let mut rect = Vec::with_capacity((p - i1) * (end - i2));
+            for kk in i1..p {
+                rect.extend_from_slice(&m[kk * cols + i2..kk * cols + end]);
+            }
+            rect
         };
         let mut groups = Vec::new();
         if let GroupMode::Dynamic(g) = grid {
             for p in (i1.div_ceil(g) * g..i2).step_by(g) {
                 let end = (p + g).min(cols);
-                let mut rect = Vec::new();
-                if end > i2 {
-                    rect.reserve((p - i1) * (end - i2));
-                    for kk in i1..p {
-                        rect.extend_from_slice(&v[kk * cols + i2..kk * cols + end]);
-                    }
-                }
+                let (rect, prect) = if end > i2 {
+                    (rect_of(v, p, end), pm.map(|m| rect_of(m, p, end)))
+                } else {
+                    (Vec::new(), None)
+                };
                 groups.push(GroupPack {
                     p,
                     end,
                     rect,
-                    tri: upper(p, end),
+                    prect,
+                    tri: upper(v, p, end),
                 });
             }
         }
         BatchPack {
             i1,
             i2,
-            tri: upper(i1, i2),
+            tri: upper(v, i1, i2),
+            ptri: pm.map(|m| upper(m, i1, i2)),
             groups,
         }
     }
@@ -2069,5 +2271,330 @@ mod tests {
                 res.loss
             );
         }
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // GPTAQ: an f64 reference of the paper's equations, written column by column with every
+    // update applied at once (no lazy batches, no `V`/`A` reformulation): explicit
+    // `U = chol(H⁻¹)ᵀ`, `P = α triu₁(dXXᵀ Uᵀ) U`, and per column
+    // `W[:, >p] += -E_p U[p, >p] + W_p P[p, >p]` with `W_p` the column before quantization.
+    // ---------------------------------------------------------------------------------------
+
+    /// Float inputs `X` and perturbed inputs `X~` (`X~ = X + noise`, noise relative `eps`), as
+    /// (weight, H = (2/t) X~ᵀX~, dXXᵀ = (2/t) (X - X~)ᵀ X~), all f32.
+    fn gptaq_problem(
+        rows: usize,
+        cols: usize,
+        tokens: usize,
+        eps: f64,
+        seed: u64,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|_| (normal(&mut rng) * 0.05) as f32)
+            .collect();
+        let k = cols.min(16);
+        let a: Vec<f64> = (0..k * cols).map(|_| normal(&mut rng)).collect();
+        let scale: Vec<f64> = (0..cols).map(|_| (normal(&mut rng) * 0.5).exp()).collect();
+        let mut x = vec![0.0f64; tokens * cols];
+        let mut xq = vec![0.0f64; tokens * cols];
+        for t in 0..tokens {
+            let z: Vec<f64> = (0..k).map(|_| normal(&mut rng)).collect();
+            for c in 0..cols {
+                let mut v = 0.3 * normal(&mut rng);
+                for (i, zi) in z.iter().enumerate() {
+                    v += zi * a[i * cols + c];
+                }
+                v *= scale[c];
+                x[t * cols + c] = v;
+                xq[t * cols + c] = v + eps * scale[c] * normal(&mut rng);
+            }
+        }
+        let f = 2.0 / tokens as f64;
+        let mut h = vec![0.0f32; cols * cols];
+        let mut d = vec![0.0f32; cols * cols];
+        for i in 0..cols {
+            for j in 0..cols {
+                let (mut sh, mut sd) = (0.0, 0.0);
+                for t in 0..tokens {
+                    sh += xq[t * cols + i] * xq[t * cols + j];
+                    sd += (x[t * cols + i] - xq[t * cols + i]) * xq[t * cols + j];
+                }
+                h[i * cols + j] = (f * sh) as f32;
+                d[i * cols + j] = (f * sd) as f32;
+            }
+        }
+        (w, h, d)
+    }
+
+    /// Returns (dequantized Q and target A in original order, loss tr((A-Q) H (A-Q)ᵀ)).
+    #[allow(clippy::too_many_arguments)]
+    fn ref_gptaq(
+        w: &[f32],
+        rows: usize,
+        n: usize,
+        h: &[f32],
+        dxxt: &[f32],
+        alpha: f64,
+        cfg: Cfg,
+        prep: &(Vec<usize>, Vec<f64>),
+    ) -> (Vec<f64>, Vec<f64>, f64) {
+        let (perm, u) = prep;
+        let maxq = ((1u32 << cfg.bits) - 1) as f64;
+        let dead: Vec<bool> = (0..n).map(|i| h[i * n + i] == 0.0).collect();
+        let w0: Vec<f64> = (0..rows * n)
+            .map(|k| if dead[k % n] { 0.0 } else { w[k] as f64 })
+            .collect();
+        // dXXᵀ permuted, dead rows and columns zeroed; M = G Uᵀ, P = α triu₁(M) U.
+        let g: Vec<f64> = (0..n * n)
+            .map(|k| {
+                let (i, j) = (perm[k / n], perm[k % n]);
+                if dead[i] || dead[j] {
+                    0.0
+                } else {
+                    dxxt[i * n + j] as f64
+                }
+            })
+            .collect();
+        let mut m = vec![0.0f64; n * n];
+        for i in 0..n {
+            for l in i + 1..n {
+                let mut acc = 0.0;
+                for c in l..n {
+                    acc += g[i * n + c] * u[l * n + c];
+                }
+                m[i * n + l] = acc;
+            }
+        }
+        let mut pm = vec![0.0f64; n * n];
+        for i in 0..n {
+            for j in i + 1..n {
+                let mut acc = 0.0;
+                for l in i + 1..=j {
+                    acc += m[i * n + l] * u[l * n + j];
+                }
+                pm[i * n + j] = alpha * acc;
+            }
+        }
+        let mut params: Vec<(f64, f64)> = (0..rows)
+            .map(|r| ref_find_params(&w0[r * n..(r + 1) * n], cfg))
+            .collect();
+        let mut groups: Vec<Vec<(f64, f64)>> = Vec::new();
+        if let (Some(gs), true) = (cfg.group, cfg.static_groups) {
+            for i in (0..n).step_by(gs) {
+                let e = (i + gs).min(n);
+                groups.push(
+                    (0..rows)
+                        .map(|r| ref_find_params(&w0[r * n + i..r * n + e], cfg))
+                        .collect(),
+                );
+            }
+        }
+        let mut wm: Vec<f64> = (0..rows * n)
+            .map(|k| w0[(k / n) * n + perm[k % n]])
+            .collect();
+        let mut am = wm.clone();
+        let mut q = vec![0.0; rows * n];
+        for p in 0..n {
+            if let Some(gs) = cfg.group {
+                if !cfg.static_groups {
+                    if p % gs == 0 {
+                        let e = (p + gs).min(n);
+                        params = (0..rows)
+                            .map(|r| ref_find_params(&wm[r * n + p..r * n + e], cfg))
+                            .collect();
+                    }
+                } else {
+                    params = groups[perm[p] / gs].clone();
+                }
+            }
+            for r in 0..rows {
+                let wv = wm[r * n + p];
+                let qv = ref_quant(wv, params[r].0, params[r].1, maxq);
+                q[r * n + p] = qv;
+                let e = (wv - qv) / u[p * n + p];
+                for j in p + 1..n {
+                    wm[r * n + j] += -e * u[p * n + j] + wv * pm[p * n + j];
+                    am[r * n + j] += wv * pm[p * n + j];
+                }
+            }
+        }
+        let (mut qo, mut ao) = (vec![0.0; rows * n], vec![0.0; rows * n]);
+        for r in 0..rows {
+            for p in 0..n {
+                qo[r * n + perm[p]] = q[r * n + p];
+                ao[r * n + perm[p]] = am[r * n + p];
+            }
+        }
+        let loss = trace_f64(&ao, &qo, rows, n, h);
+        (qo, ao, loss)
+    }
+
+    fn all_cfgs() -> Vec<Cfg> {
+        let mut out = Vec::new();
+        for (i, &(group, act_order, static_groups)) in [
+            (None, false, false),
+            (None, true, false),
+            (Some(16), false, false),
+            (Some(16), true, false),
+            (Some(24), true, true),
+            (Some(20), false, false),
+        ]
+        .iter()
+        .enumerate()
+        {
+            out.push(Cfg {
+                bits: [4u8, 3, 4, 2, 3, 4][i],
+                sym: i % 2 == 1,
+                mse: i == 3,
+                group,
+                act_order,
+                static_groups,
+                dtype: ScaleDtype::F32,
+            });
+        }
+        out
+    }
+
+    #[test]
+    fn gptaq_matches_reference() {
+        let mut worst: f64 = 0.0;
+        for &(rows, cols, seed) in &[(16usize, 64usize, 11u64), (24, 96, 12)] {
+            let (w, h, dxxt) = gptaq_problem(rows, cols, 4 * cols, 0.2, seed);
+            for cfg in all_cfgs() {
+                let prep = ref_prepare(&h, cols, cfg.act_order, 0.01);
+                // Block 32 < cols: lazy batches, and groups of 20/24 starting mid-batch.
+                let res =
+                    gptaq_quantize(&w, rows, cols, &h, &dxxt, 0.25, &opts(cfg, 32)).expect("solve");
+                check_structure(&res, &h, cfg);
+                let (ref_q, ref_a, ref_loss) =
+                    ref_gptaq(&w, rows, cols, &h, &dxxt, 0.25, cfg, &prep);
+                let equal = ref_q
+                    .iter()
+                    .zip(&res.dequantized)
+                    .filter(|(a, b)| (**a - **b as f64).abs() <= 1e-5 * a.abs().max(1e-2))
+                    .count();
+                // f32 against f64 can flip a rounding tie: the MSE observer's grid search, or a
+                // symmetric grid's largest weight, which sits exactly on a half step (seen once:
+                // one row's group of 20 at 4 bits). Anything more is a bug.
+                let need = ref_q.len() * 98 / 100;
+                assert!(
+                    equal >= need,
+                    "{cfg:?}: {} of {} dequantized weights differ from the reference",
+                    ref_q.len() - equal,
+                    ref_q.len()
+                );
+                let r = rel(res.loss, ref_loss);
+                eprintln!(
+                    "{rows}x{cols} {cfg:?}: loss {:.6e} ref {ref_loss:.6e} rel {r:.2e}, {} differ",
+                    res.loss,
+                    ref_q.len() - equal
+                );
+                // f32 against f64 arithmetic: observed up to ~2.3e-6 with every weight equal.
+                let tol = if equal == ref_q.len() {
+                    worst = worst.max(r);
+                    1e-5
+                } else {
+                    1e-2
+                };
+                assert!(
+                    r < tol,
+                    "{cfg:?}: loss {} vs reference {ref_loss}",
+                    res.loss
+                );
+                // The extra term moves the target; plain GPTQ's target is W.
+                let shift: f64 = ref_a
+                    .iter()
+                    .zip(&w)
+                    .map(|(a, &b)| (a - b as f64).abs())
+                    .sum();
+                assert!(shift > 0.0);
+            }
+        }
+        eprintln!(
+            "worst relative loss difference vs the reference (all weights equal): {worst:.2e}"
+        );
+    }
+
+    #[test]
+    fn gptaq_with_zero_dxxt_or_alpha_is_gptq_bit_for_bit() {
+        let (rows, cols) = (21usize, 100usize);
+        let (w, h, dxxt) = gptaq_problem(rows, cols, 3 * cols, 0.2, 5);
+        let zeros = vec![0.0f32; cols * cols];
+        for cfg in all_cfgs() {
+            for &bs in &[32usize, 128] {
+                let o = opts(cfg, bs);
+                let plain = gptq_quantize(&w, rows, cols, &h, &o).expect("gptq");
+                for (d, alpha) in [(&zeros, 0.25f32), (&dxxt, 0.0)] {
+                    let aq = gptaq_quantize(&w, rows, cols, &h, d, alpha, &o).expect("gptaq");
+                    assert_eq!(aq.codes, plain.codes, "{cfg:?} bs {bs} alpha {alpha}");
+                    assert_eq!(aq.scales, plain.scales, "{cfg:?} bs {bs} alpha {alpha}");
+                    assert_eq!(aq.zeros, plain.zeros, "{cfg:?} bs {bs} alpha {alpha}");
+                    assert_eq!(aq.g_idx, plain.g_idx);
+                    assert_eq!(aq.perm, plain.perm);
+                    assert_eq!(aq.loss.to_bits(), plain.loss.to_bits(), "{cfg:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gptaq_block_size_paths_and_dead_columns() {
+        let (rows, cols) = (19usize, 150usize);
+        let (w, mut h, mut dxxt) = gptaq_problem(rows, cols, 3 * cols, 0.2, 6);
+        for &c in &[3usize, 77] {
+            for k in 0..cols {
+                h[c * cols + k] = 0.0;
+                h[k * cols + c] = 0.0;
+                dxxt[k * cols + c] = 0.0;
+                // Float inputs may differ where the quantized ones are zero.
+                dxxt[c * cols + k] = 0.01;
+            }
+        }
+        for cfg in all_cfgs() {
+            let base =
+                gptaq_quantize(&w, rows, cols, &h, &dxxt, 0.25, &opts(cfg, 128)).expect("solve");
+            check_structure(&base, &h, cfg);
+            assert_eq!(base.dead, vec![3, 77]);
+            for &bs in &[7usize, 50, 1000] {
+                let other =
+                    gptaq_quantize(&w, rows, cols, &h, &dxxt, 0.25, &opts(cfg, bs)).expect("solve");
+                let same = base
+                    .codes
+                    .iter()
+                    .zip(&other.codes)
+                    .filter(|(a, b)| a == b)
+                    .count();
+                assert!(
+                    same as f64 / base.codes.len() as f64 > 0.999,
+                    "{cfg:?} block {bs}: {same} of {} codes equal",
+                    base.codes.len()
+                );
+                assert!(rel(other.loss, base.loss) < 1e-3, "{cfg:?} block {bs}");
+            }
+            let fast = gptaq_quantize(&w, rows, cols, &h, &dxxt, 0.25, &opts(cfg, 32)).unwrap();
+            FORCE_GENERIC.store(true, Ordering::Relaxed);
+            let portable = gptaq_quantize(&w, rows, cols, &h, &dxxt, 0.25, &opts(cfg, 32));
+            FORCE_GENERIC.store(false, Ordering::Relaxed);
+            let portable = portable.unwrap();
+            assert_eq!(fast.codes, portable.codes, "{cfg:?}");
+            assert_eq!(fast.scales, portable.scales, "{cfg:?}");
+        }
+        let e = gptaq_quantize(
+            &w,
+            rows,
+            cols,
+            &h,
+            &dxxt[1..],
+            0.25,
+            &opts(all_cfgs()[0], 128),
+        )
+        .unwrap_err();
+        assert!(format!("{e}").contains("dxxt"), "{e}");
+        let mut bad = dxxt.clone();
+        bad[5] = f32::NAN;
+        let e =
+            gptaq_quantize(&w, rows, cols, &h, &bad, 0.25, &opts(all_cfgs()[0], 128)).unwrap_err();
+        assert!(format!("{e}").contains("dxxt"), "{e}");
     }
 }

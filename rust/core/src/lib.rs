@@ -18,6 +18,7 @@
 //! - [`cuda`]      the same solver on NVIDIA GPUs (feature `cuda`; its CPU model always builds)
 
 pub mod cuda;
+pub mod dxxt;
 pub mod error;
 pub mod fp8;
 pub mod gptq;

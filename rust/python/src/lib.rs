@@ -369,6 +369,68 @@ fn out1<'py, T: Element>(py: Python<'py>, v: Vec<T>) -> Bound<'py, PyArray1<T>> 
 }
 
 // ---------------------------------------------------------------------------------------------
+// GPTAQ cross term
+
+#[pyclass(name = "CrossAccumulator", module = "ferroquant._core")]
+struct PyCrossAccumulator {
+    inner: fq::dxxt::CrossAccumulator,
+}
+
+#[pymethods]
+impl PyCrossAccumulator {
+    #[new]
+    fn new(columns: i64) -> PyResult<Self> {
+        guarded("CrossAccumulator.__init__", || {
+            let n = positive_usize("columns", columns)?;
+            Ok(Self {
+                inner: fq::dxxt::CrossAccumulator::new(n).map_err(to_py_err)?,
+            })
+        })
+    }
+
+    /// `float_rows`, `quant_rows`: float32 `[tokens, columns]`, row t the same token.
+    fn add_batch(
+        &mut self,
+        py: Python<'_>,
+        float_rows: &Bound<'_, PyAny>,
+        quant_rows: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        guarded("CrossAccumulator.add_batch", || {
+            let f = array2::<f32>(float_rows, "float_rows", "float32")?;
+            let q = array2::<f32>(quant_rows, "quant_rows", "float32")?;
+            let (n, (rf, cf), (rq, cq)) = (self.inner.columns(), dims(&f), dims(&q));
+            if cf != n || cq != n || rf != rq {
+                return Err(value_err(format!(
+                    "float_rows {rf}x{cf} and quant_rows {rq}x{cq}: expected the same [tokens, {n}]"
+                )));
+            }
+            let (fs, qs) = (slice(&f, "float_rows")?, slice(&q, "quant_rows")?);
+            let inner = &mut self.inner;
+            compute(py, move || inner.add_batch(fs, qs, rf)).map_err(to_py_err)
+        })
+    }
+
+    fn dxxt<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        guarded("CrossAccumulator.dxxt", || {
+            let n = self.inner.columns();
+            let inner = &self.inner;
+            let d = compute(py, move || inner.dxxt());
+            out2(py, "CrossAccumulator.dxxt", d, n, n)
+        })
+    }
+
+    #[getter]
+    fn samples(&self) -> u64 {
+        self.inner.samples()
+    }
+
+    #[getter]
+    fn columns(&self) -> usize {
+        self.inner.columns()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Hessian accumulation
 // ---------------------------------------------------------------------------------------------
 
@@ -666,7 +728,8 @@ fn result_dict<'py>(py: Python<'py>, func: &str, r: GptqResult) -> PyResult<Boun
 #[pyo3(signature = (
     weight, hessian, *, bits=4, symmetric=true, group_size=-1, act_order=false,
     static_groups=false, block_size=128, damp_percent=0.01, damp_growth=2.0, damp_max=1.0,
-    observer="minmax", mse_grid=100, mse_maxshrink=0.8, mse_norm=2.4, scale_dtype="float32"
+    observer="minmax", mse_grid=100, mse_maxshrink=0.8, mse_norm=2.4, scale_dtype="float32",
+    dxxt=None, gptaq_alpha=0.25
 ))]
 #[allow(clippy::too_many_arguments)]
 fn gptq_quantize<'py>(
@@ -687,6 +750,8 @@ fn gptq_quantize<'py>(
     mse_maxshrink: f64,
     mse_norm: f64,
     scale_dtype: &str,
+    dxxt: Option<&Bound<'py, PyAny>>,
+    gptaq_alpha: f64,
 ) -> PyResult<Bound<'py, PyDict>> {
     guarded("gptq_quantize", || {
         let spec = spec_arg(
@@ -713,8 +778,13 @@ fn gptq_quantize<'py>(
         non_empty("weight", (rows, cols))?;
         let h = hessian_arg(hessian, Some(cols))?;
         let (ws, hs) = (slice(&w, "weight")?, slice(&h, "hessian")?);
-        let r = compute(py, move || {
-            fq::gptq::gptq_quantize(ws, rows, cols, hs, &opts)
+        // GPTAQ when the cross term is given (same shape checks as the Hessian).
+        let d = dxxt.map(|d| hessian_arg(d, Some(cols))).transpose()?;
+        let ds = d.as_ref().map(|d| slice(d, "dxxt")).transpose()?;
+        let alpha = gptaq_alpha as f32;
+        let r = compute(py, move || match ds {
+            Some(ds) => fq::gptq::gptaq_quantize(ws, rows, cols, hs, ds, alpha, &opts),
+            None => fq::gptq::gptq_quantize(ws, rows, cols, hs, &opts),
         })
         .map_err(to_py_err)?;
         result_dict(py, "gptq_quantize", r)
@@ -1204,6 +1274,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(factor_damped, m)?)?;
     m.add_function(wrap_pyfunction!(damped_inverse_upper, m)?)?;
     m.add_function(wrap_pyfunction!(gptq_quantize, m)?)?;
+    m.add_class::<PyCrossAccumulator>()?;
     m.add_function(wrap_pyfunction!(rtn_quantize, m)?)?;
     m.add_function(wrap_pyfunction!(pack_gptq_qweight, m)?)?;
     m.add_function(wrap_pyfunction!(unpack_gptq_qweight, m)?)?;
