@@ -513,7 +513,12 @@ def kv_section(runs: dict[str, dict[str, Any]], llmc_py: str, windows: int) -> l
                      "attached, its pre-hook `_kv_cache_attention_hook` "
                      "(`compressed_tensors/modeling/kvcache.py`) would still write the cache "
                      "wrapper to `past_key_value` (its fallback when `past_key_values` is not a "
-                     "parameter), which the attention takes into `**kwargs` and never calls.")]
+                     "parameter), which the attention takes into `**kwargs` and never calls. "
+                     "Checked on stories260K with only `is_cached_attention_module` taught the "
+                     "`cache` name: the attention then received both `cache` and "
+                     "`past_key_value`, k_scale stayed at its uncalibrated 6.3e-36, and the "
+                     "evaluation forward made no k or v quantization (only weight ones); the "
+                     "shim's second half (the pre-hook writing `cache`) is what makes it fire.")]
     return out
 
 
