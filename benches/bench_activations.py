@@ -577,6 +577,16 @@ def main(argv: list[str] | None = None) -> int:
     todo = [c for c in cases(args.llmc_installed, skipped is None)
             if args.only is None or c["name"] in args.only]
     runs: dict[str, dict[str, Any]] = saved.get("runs", {})
+    notes = list(dict.fromkeys([*saved.get("notes", []), *(args.note or [])]))
+    args.note = notes
+
+    def save_raw(wall: float) -> None:
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        tmp = raw.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"cfg": cfg, "desc": desc, "runs": runs, "notes": notes,
+                                   "last_invocation_wall_s": round(wall, 1)}, indent=1))
+        tmp.replace(raw)
+
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         data_file = Path(tmp) / "ids.pt"
@@ -595,12 +605,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"ppl {r['ppl']:.4f}  quantize {r['quant_s']:.1f} s  eval {r['eval_s']:.0f} s"
                       f"  (load avg {r['loadavg'][0]:.1f}){kvf}")
             runs[c["name"]] = r
+            # after every row: a run cut short keeps what it measured (--merge resumes it)
+            save_raw(time.perf_counter() - t_start)
     wall = time.perf_counter() - t_start
-    notes = list(dict.fromkeys([*saved.get("notes", []), *(args.note or [])]))
-    args.note = notes
-    raw.parent.mkdir(parents=True, exist_ok=True)
-    raw.write_text(json.dumps({"cfg": cfg, "desc": desc, "runs": runs, "notes": notes,
-                               "last_invocation_wall_s": round(wall, 1)}, indent=1))
+    save_raw(wall)
     md = table(args, cfg, desc, runs, llmc_py, skipped)
     out.write_text(md, encoding="utf-8")
     print()

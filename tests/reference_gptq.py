@@ -23,7 +23,7 @@ import torch
 class GridSpec:
     bits: int = 4
     symmetric: bool = True
-    observer: str = "minmax"  # or "mse"
+    observer: str = "minmax"  # "mse", or "hessian_mse" (squared error weighted by diag(H))
     grid: int = 100
     maxshrink: float = 0.8
     norm: float = 2.4
@@ -62,8 +62,10 @@ def _zero(xmin: torch.Tensor, scale: torch.Tensor, spec: GridSpec) -> torch.Tens
     return zero if spec.scale_dtype is None else zero.clamp(0, spec.maxq)
 
 
-def find_params(x: torch.Tensor, spec: GridSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row ``(scale, zero)`` of ``x`` ``[rows, k]``, each ``[rows, 1]`` (reference Quantizer)."""
+def find_params(x: torch.Tensor, spec: GridSpec,
+                weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row ``(scale, zero)`` of ``x`` ``[rows, k]``, each ``[rows, 1]`` (reference Quantizer);
+    ``weights`` ``[k]``: the ``hessian_mse`` observer's per-column weights (diag(H))."""
     maxq = spec.maxq
     zeros = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     xmin = torch.minimum(x.min(1).values, zeros)
@@ -80,16 +82,18 @@ def find_params(x: torch.Tensor, spec: GridSpec) -> tuple[torch.Tensor, torch.Te
         zero = torch.full_like(scale, (maxq + 1) / 2)
     else:
         zero = _zero(xmin, scale, spec)
-    if spec.observer == "mse":
+    if spec.observer in ("mse", "hessian_mse"):
+        hessian = spec.observer == "hessian_mse"
+        if hessian and weights is None:
+            weights = torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
         best = torch.full([x.shape[0]], float("inf"), dtype=x.dtype, device=x.device)
         for i in range(int(spec.maxshrink * spec.grid)):
             p = 1 - i / spec.grid
             xmin1, xmax1 = p * xmin, p * xmax
             scale1 = round_scale((xmax1 - xmin1) / maxq, spec.scale_dtype)
             zero1 = _zero(xmin1, scale1, spec) if not spec.symmetric else zero
-            err = (
-                (quantize(x, scale1[:, None], zero1[:, None], maxq) - x).abs().pow(spec.norm).sum(1)
-            )
+            d = quantize(x, scale1[:, None], zero1[:, None], maxq) - x
+            err = ((d * d) * weights).sum(1) if hessian else d.abs().pow(spec.norm).sum(1)
             better = err < best
             best = torch.where(better, err, best)
             scale = torch.where(better, scale1, scale)
@@ -141,7 +145,9 @@ def gptq_reference(
 
     static: list[tuple[torch.Tensor, torch.Tensor]] = []
     if static_groups and group_size != -1:
-        static = [find_params(w[:, i : i + group_size], spec) for i in range(0, cols, group_size)]
+        hd = torch.diag(h)
+        static = [find_params(w[:, i : i + group_size], spec, hd[i : i + group_size])
+                  for i in range(0, cols, group_size)]
 
     perm = None
     if act_order:
@@ -149,6 +155,7 @@ def gptq_reference(
         w = w[:, perm]
         h = h[perm][:, perm]
 
+    hdiag = torch.diag(h).clone()  # processing order: the hessian_mse observer's weights
     damp = percdamp * torch.mean(torch.diag(h))
     idx = torch.arange(cols, device=h.device)
     h[idx, idx] += damp
@@ -163,7 +170,7 @@ def gptq_reference(
     col_group = torch.zeros(cols, dtype=torch.long, device=w.device)
     scales: list[torch.Tensor] = []
     zeros: list[torch.Tensor] = []
-    scale, zero = find_params(w, spec) if group_size == -1 else (None, None)
+    scale, zero = find_params(w, spec, hdiag) if group_size == -1 else (None, None)
     if group_size == -1:
         scales, zeros = [scale], [zero]
 
@@ -180,7 +187,8 @@ def gptq_reference(
                 if not static_groups:
                     if (i1 + i) % group_size == 0:
                         # The reference reads W, which lacks this block's in-block updates.
-                        scale, zero = find_params(w[:, i1 + i : i1 + i + group_size], spec)
+                        scale, zero = find_params(w[:, i1 + i : i1 + i + group_size], spec,
+                                                  hdiag[i1 + i : i1 + i + group_size])
                         scales.append(scale)
                         zeros.append(zero)
                     col_group[i1 + i] = len(scales) - 1

@@ -94,7 +94,7 @@ def test_wrong_shapes_and_dtypes() -> None:
             r"group_size must be -1 \(one group per row\) or a positive integer \(got 0\)",
         ),
         ({"block_size": 0}, r"block_size must be a positive integer \(got 0\)"),
-        ({"observer": "max"}, r"observer must be 'minmax' or 'mse' \(got 'max'\)"),
+        ({"observer": "max"}, r"observer must be 'minmax', 'mse' or 'hessian_mse' \(got 'max'\)"),
         ({"damp_percent": 0.0}, r"damp_percent must be a positive finite number \(got 0"),
         ({"damp_growth": 1.0}, r"damp_growth must be a finite number > 1 \(got 1"),
         ({"damp_max": 0.001}, r"damp_max must be finite and >= damp_percent"),

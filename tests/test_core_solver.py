@@ -53,7 +53,7 @@ def layer(cols: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 # (cols, group_size, act_order, static_groups, symmetric, bits, observer): every group size
 # (-1, 32, 64, 128, non-dividing 48 and 100), act-order on/off, static groups, sym/asym,
-# 2/3/4/8 bits and both observers appear, in both widths, without the full product.
+# 2/3/4/8 bits and all three observers appear, in both widths, without the full product.
 CASES = [
     (172, -1, False, False, True, 4, "minmax"),
     (172, 32, True, False, False, 3, "minmax"),
@@ -66,6 +66,10 @@ CASES = [
     (576, 100, True, False, True, 3, "minmax"),
     (576, 64, False, False, False, 4, "mse"),
     (576, 32, True, True, False, 3, "mse"),
+    (172, -1, False, False, True, 3, "hessian_mse"),
+    (172, 64, True, True, True, 4, "hessian_mse"),
+    (576, 128, True, False, False, 3, "hessian_mse"),
+    (576, 64, False, False, True, 4, "hessian_mse"),
 ]
 
 
@@ -353,3 +357,15 @@ def test_reference_lag_is_a_block_size_effect() -> None:
     ours = solver.gptq_quantize(w, h, bits=3, symmetric=False, **kw).loss
     assert abs(lagging - exact) > 0.02 * exact  # a real difference, not rounding
     assert abs(ours - exact) <= 0.01 * exact
+
+
+@pytest.mark.parametrize("cols,group_size,act_order", [(172, -1, False), (576, 64, True),
+                                                       (576, 32, False)])
+def test_hessian_weighted_search_lowers_the_loss(cols, group_size, act_order) -> None:
+    """The grid chosen for the error the outputs see (diag(H)-weighted) beats the grid chosen
+    for the weights' own error (mse) and min-max on GPTQ's loss, at 3 bits."""
+    w, h = layer(cols)
+    loss = {obs: solver.gptq_quantize(w, h, bits=3, group_size=group_size, act_order=act_order,
+                                      observer=obs).loss
+            for obs in ("minmax", "mse", "hessian_mse")}
+    assert loss["hessian_mse"] < min(loss["mse"], loss["minmax"]), loss

@@ -137,7 +137,7 @@ def test_a_module_targeted_by_two_modifiers_is_an_error() -> None:
 
 
 def test_unknown_method_is_an_error() -> None:
-    with pytest.raises(ValueError, match="method 'awq': expected one of gptq, rtn"):
+    with pytest.raises(ValueError, match="method 'awq': expected one of gptq, qronos, gptaq, rtn"):
         quantize(ToyLM(), GPTQ(), _calib(), method="awq")  # type: ignore[arg-type]
 
 

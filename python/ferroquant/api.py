@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 __all__ = ["quantize", "target_layers"]
 
-METHODS = ("gptq", "rtn")
+METHODS = ("gptq", "qronos", "gptaq", "rtn")
 
 
 def target_layers(model: nn.Module, recipe: GPTQ | dict[str, Any] | str | Path
@@ -60,12 +60,24 @@ def _checkpoint_plan(model: nn.Module, recipe: GPTQ, format: str | None,
             "scale_dtype": feasibility.scale_dtype_for(fmt, ckpt, feasibility.model_dtype(model))}, note
 
 
+def with_method(recipe: GPTQ, method: str | None) -> GPTQ:
+    """``recipe`` with the GPTQ variant ``method`` names (None or ``"rtn"``: unchanged)."""
+    if method == "gptq":
+        return recipe.model_copy(update={"qronos": False, "gptaq_alpha": None})
+    if method == "qronos":
+        return recipe.model_copy(update={"qronos": True, "gptaq_alpha": None})
+    if method == "gptaq":
+        return recipe.model_copy(update={"qronos": False,
+                                         "gptaq_alpha": recipe.gptaq_alpha or 0.25})
+    return recipe
+
+
 def quantize(
     model: nn.Module,
     recipe: GPTQ | dict[str, Any] | str | Path,
     calibration: CalibrationSet | torch.Tensor | list[torch.Tensor],
     *,
-    method: Literal["gptq", "rtn"] = "gptq",
+    method: Literal["gptq", "qronos", "gptaq", "rtn"] | None = None,
     format: str | None = None,
     checkpoint_format: str | None = None,
     device: str | torch.device | None = "auto",
@@ -83,9 +95,13 @@ def quantize(
             a YAML/JSON recipe file.
         calibration: a :class:`CalibrationSet` (see :mod:`ferroquant.calibration`), or token ids
             (a ``[n, L]`` tensor or a list of tensors) used as they are.
-        method: ``"gptq"`` (the :class:`~ferroquant.modifiers.GPTQModifier`) or ``"rtn"``
+        method: ``"gptq"`` (the :class:`~ferroquant.modifiers.GPTQModifier`, plain GPTQ
+            whatever the recipe's ``qronos``/``gptaq_alpha``), ``"qronos"`` or ``"gptaq"`` (the
+            same modifier fitting each layer to the float model's output: the recipe's
+            ``qronos=True``, or its ``gptaq_alpha`` (0.25 when unset)), ``"rtn"``
             (round-to-nearest with the recipe's observer, no Hessian:
-            :class:`~ferroquant.modifiers.QuantizationModifier`).
+            :class:`~ferroquant.modifiers.QuantizationModifier`), or None: the recipe's own
+            (plain GPTQ unless it sets ``qronos`` or ``gptaq_alpha``).
         format: the checkpoint format this model will be saved in (``"gptq"`` or
             ``"compressed-tensors"``). Given, every target layer is checked against it before
             any calibration work, and scales are rounded to the dtype that format stores them
@@ -113,8 +129,9 @@ def quantize(
         with its weight replaced by the dequantized values.
     """
     r = GPTQ.coerce(recipe)
-    if method not in METHODS:
+    if method is not None and method not in METHODS:
         raise ValueError(f"method {method!r}: expected one of {', '.join(METHODS)}")
+    r = with_method(r, method)
     if not isinstance(calibration, CalibrationSet):
         if isinstance(calibration, (torch.Tensor, list, tuple)):
             calibration = from_tensors(calibration)
@@ -137,7 +154,7 @@ def quantize(
         tqdm.write(f"note: {note}")
     modifier: Modifier = (
         GPTQModifier(r, report_rtn_loss=report_rtn_loss, scale_dtype=target["scale_dtype"])
-        if method == "gptq" else QuantizationModifier(r, scale_dtype=target["scale_dtype"]))
+        if method != "rtn" else QuantizationModifier(r, scale_dtype=target["scale_dtype"]))
     pipeline = SequentialPipeline(model, [modifier], device=device, show_progress=show_progress,
                                   batched=batched, forward_dtype=r.forward_dtype,
                                   sequential_targets=r.sequential_targets)

@@ -2,7 +2,8 @@
 
     ferroquant quantize MODEL OUT_DIR [--scheme W4A16] [--group-size N] [--format gptq]
                         [--calibration FILE] [--num-samples N] [--seq-len N]
-                        [--actorder static|group|none] [--observer minmax|mse]
+                        [--actorder static|group|group_aware|none]
+                        [--observer minmax|mse|hessian_mse] [--method gptq|qronos|gptaq|rtn]
                         [--forward-dtype bfloat16|float16|float32]
                         [--device cpu|cuda] [--recipe FILE]
     ferroquant eval MODEL --text FILE [--seq-len N] [--max-windows N]   (last line: ppl=<value>)
@@ -640,12 +641,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seq-len", type=_positive_int, default=None,
                    help="tokens per calibration sample (default min(2048, model maximum))")
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--actorder", choices=["static", "group", "none"], default=None,
-                   help="activation order (default static)")
-    q.add_argument("--observer", choices=["minmax", "mse"], default=None)
-    q.add_argument("--method", choices=["gptq", "rtn"], default="gptq",
-                   help="gptq (default) or rtn: round-to-nearest with the observer, no Hessian "
-                        "(FP8 weights are always rounded to nearest)")
+    q.add_argument("--actorder", choices=["static", "group", "group_aware", "none"],
+                   default=None,
+                   help="activation order (default static; group_aware: whole groups in turn, "
+                        "grids fitted on the compensated columns, g_idx trivial)")
+    q.add_argument("--observer", choices=["minmax", "mse", "hessian_mse"], default=None,
+                   help="weight grids: min-max (default), mse (shrink-grid search on the "
+                        "weights' rounding error) or hessian_mse (the search weighted by diag(H), "
+                        "inside GPTQ's column loop)")
+    q.add_argument("--method", choices=["gptq", "qronos", "gptaq", "rtn"], default=None,
+                   help="gptq: plain GPTQ; qronos / gptaq: GPTQ fitted to the float model's "
+                        "output (one more block forward for the float inputs); rtn: "
+                        "round-to-nearest with the observer, no Hessian (FP8 weights are always "
+                        "rounded to nearest). Default: the recipe's (plain GPTQ unless it sets "
+                        "qronos or gptaq_alpha)")
     q.add_argument("--kv-cache", choices=["fp8", "int8"], default=None,
                    help="quantize the KV cache (keys and values after RoPE, static scales "
                         "calibrated per tensor; vLLM's k_scale/v_scale)")

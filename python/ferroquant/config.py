@@ -49,6 +49,8 @@ __all__ = [
 
 
 OBSERVERS = ("minmax", "static_minmax", "moving_average_minmax", "mse")
+# weights are observed once: min-max, the shrink-grid search, or the search weighted by diag(H)
+WEIGHT_OBSERVERS = ("minmax", "mse", "hessian_mse")
 _OBSERVER_KWARGS = {"averaging_constant", "grid", "maxshrink", "norm"}
 
 
@@ -83,8 +85,9 @@ class _Args(BaseModel):
     def _observer(cls, v: Any) -> Any:
         if isinstance(v, str) and v.lower() in ("none", "null", "memoryless"):
             return None
-        if v is not None and v not in OBSERVERS:
-            raise ValueError(f"unknown observer {v!r}; observers are {', '.join(OBSERVERS)}")
+        known = dict.fromkeys(OBSERVERS + WEIGHT_OBSERVERS)
+        if v is not None and v not in known:
+            raise ValueError(f"unknown observer {v!r}; observers are {', '.join(known)}")
         return v
 
     @field_validator("observer_kwargs")
@@ -132,7 +135,7 @@ class QuantizationArgs(_Args):
     num_bits: int = 4
     strategy: Literal["tensor", "channel", "group", "token", "attn_head"] | None = "group"
     group_size: int | None = 128
-    actorder: Literal["static", "group"] | None = None
+    actorder: Literal["static", "group", "group_aware"] | None = None
     observer: str | None = "minmax"
 
     @field_validator("num_bits")
@@ -147,9 +150,9 @@ class QuantizationArgs(_Args):
         if self.dynamic:
             raise ValueError("dynamic=True is for activations; weights are quantized statically")
         self._check_type("weights")
-        if self.observer not in ("minmax", "mse"):
+        if self.observer not in WEIGHT_OBSERVERS:
             raise ValueError(f"weights: observer {self.observer!r}: weights are observed once, "
-                             "with 'minmax' or 'mse'")
+                             f"with {', '.join(map(repr, WEIGHT_OBSERVERS))}")
         if self.type == "float":
             if self.strategy not in ("tensor", "channel"):
                 raise ValueError(f"FP8 weights: strategy must be 'tensor' or 'channel', got "
@@ -183,6 +186,9 @@ class ActivationArgs(_Args):
     @model_validator(mode="after")
     def _check(self) -> ActivationArgs:
         self._check_type("activations")
+        if self.observer is not None and self.observer not in OBSERVERS:
+            raise ValueError(f"activations: observer {self.observer!r} is for weights; "
+                             f"activation observers are {', '.join(OBSERVERS)}")
         if self.type == "int" and not 2 <= self.num_bits <= 8:
             raise ValueError(f"activations: int num_bits must be 2..8, got {self.num_bits}")
         if self.strategy is None:
@@ -363,13 +369,21 @@ class GPTQ(BaseModel):
             raised automatically when the Cholesky factorization fails (reported per layer).
         actorder: ``"static"`` (columns processed by descending Hessian diagonal, scale groups
             kept contiguous so ``g_idx`` is trivial and inference needs no reorder; the default,
-            as in llm-compressor), ``"group"`` (groups follow the processing order, ``g_idx``
-            is a permutation) or ``None``. Applies to every group whose weights do not set
+            as in llm-compressor; grids fitted up front on the original weights), ``"group"``
+            (groups follow the processing order, ``g_idx`` is a permutation),
+            ``"group_aware"`` (GAR, GPTQModel's ``act_group_aware``: whole groups processed in
+            turn by descending max diagonal, the columns of each by descending diagonal, each
+            grid fitted when its group starts on the already compensated columns; ``g_idx``
+            trivial, stored as ``static``; CPU solver) or ``None``. Applies to every group whose weights do not set
             ``actorder`` themselves; setting it here *and* differently in a group is an error.
         true_sequential: inside a block, quantize the module subsets in execution order (q/k/v,
             then o_proj, then gate/up, then down_proj), each seeing inputs that already carry
             the earlier subsets' quantization error.
-        observer: overrides every group's observer (``minmax`` or ``mse`` grid search).
+        observer: overrides every group's observer: ``minmax``, ``mse`` (a shrink-grid search
+            per group minimising the weights' own rounding error) or ``hessian_mse`` (the same
+            search minimising the squared error weighted by diag(H), i.e. as the layer's outputs
+            see it, run by GPTQ when it fits each group inside its column loop; round-to-nearest
+            has no Hessian and uses the unweighted squared error).
         offload_hessians: keep Hessians in host memory when blocks are quantized on a GPU (less
             GPU memory, a host copy of every activation batch); on the CPU they live there anyway.
         forward_dtype: the dtype the decoder blocks compute in while they are calibrated
@@ -397,6 +411,11 @@ class GPTQ(BaseModel):
             model's inputs X of every target are run (one more forward per block) and
             ``(X - X~) X~^T`` accumulated; this weighs the extra error-compensation term.
             ``None`` or 0: plain GPTQ (the default). CPU solver only.
+        qronos: Qronos (Zhang et al., ICLR 2026): like GPTAQ it runs the float model's inputs
+            beside the quantized ones, then fits each layer to the float model's output in
+            closed form - the first column refitted against it, every later one refitted by
+            least squares given the quantized first, then GPTQ's error diffusion (ridge: the
+            recipe's ``dampening_frac``). Not together with ``gptaq_alpha``. CPU solver only.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -408,15 +427,16 @@ class GPTQ(BaseModel):
     group_size: int | None = None
     block_size: int = 128
     dampening_frac: float = 0.01
-    actorder: Literal["static", "group"] | None = "static"
+    actorder: Literal["static", "group", "group_aware"] | None = "static"
     true_sequential: bool = True
-    observer: Literal["minmax", "mse"] | None = None
+    observer: Literal["minmax", "mse", "hessian_mse"] | None = None
     offload_hessians: bool = False
     forward_dtype: Literal["bfloat16", "float16", "float32"] | None = None
     kv_cache_scheme: ActivationArgs | None = None
     sequential_targets: list[str] | None = None
     unreached_policy: Literal["rtn", "error"] = "rtn"
     gptaq_alpha: float | None = None
+    qronos: bool = False
 
     @field_validator("targets", "ignore", "sequential_targets", mode="before")
     @classmethod
@@ -472,6 +492,9 @@ class GPTQ(BaseModel):
     def _check(self) -> GPTQ:
         if self.scheme is not None and self.config_groups is not None:
             raise ValueError("give either scheme or config_groups, not both")
+        if self.qronos and self.gptaq_alpha:
+            raise ValueError("qronos and gptaq_alpha are two ways of fitting to the float "
+                             "model's output; give one of them")
         if isinstance(self.scheme, dict):
             if not self.scheme:
                 raise ValueError("scheme is an empty dict; give {preset: targets}")

@@ -233,20 +233,24 @@ def gptq_quantize(
     group_size: int = 128,  # -1 = per channel
     act_order: bool = False,
     static_groups: bool = False,
+    group_aware: bool = False,  # with act_order and groups: GAR (whole groups in turn)
     block_size: int = 128,
     damp_percent: float = 0.01,
     damp_growth: float = 2.0,
     damp_max: float = 1.0,
-    observer: str = "minmax",  # or "mse"
+    observer: str = "minmax",  # "mse", or "hessian_mse" (search weighted by diag(hessian))
     name: str | None = None,  # layer name, prefixed to error messages
     scale_dtype: str | torch.dtype = "float32",
-    dxxt: torch.Tensor | None = None,  # float32 [in, in]: GPTAQ's (X - X~) X~^T
+    dxxt: torch.Tensor | None = None,  # float32 [in, in]: (X - X~) X~^T
     gptaq_alpha: float = 0.25,
+    qronos: bool = False,
 ) -> LayerQuantResult:
     """GPTQ-quantizes one layer; results are on ``weight``'s device.
 
     With ``dxxt`` (:class:`CrossAccumulator`, scaled like ``hessian``) the solve is GPTAQ's,
-    its extra term weighed by ``gptaq_alpha``; ``loss`` is then against GPTAQ's moving target.
+    its extra term weighed by ``gptaq_alpha``, or with ``qronos=True`` Qronos' (GPTQ from the
+    closed-form refit against the float output); ``loss`` is then against GPTAQ's moving
+    target or Qronos' refit.
 
     ``scale_dtype`` is the dtype the checkpoint stores scales in (float16 for the GPTQ format,
     the model's dtype for compressed-tensors): every scale is rounded to it before codes are
@@ -263,6 +267,7 @@ def gptq_quantize(
             group_size=group_size,
             act_order=act_order,
             static_groups=static_groups,
+            group_aware=group_aware,
             block_size=block_size,
             damp_percent=damp_percent,
             damp_growth=damp_growth,
@@ -271,6 +276,7 @@ def gptq_quantize(
             scale_dtype=_scale_dtype(scale_dtype),
             dxxt=None if dxxt is None else _float32(dxxt, "dxxt"),
             gptaq_alpha=float(gptaq_alpha),
+            qronos=bool(qronos),
         )
         return _result(r, weight.device)
 

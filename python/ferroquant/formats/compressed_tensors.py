@@ -160,7 +160,8 @@ def weights_args_dict(args: QuantizationArgs) -> dict[str, Any]:
         "observer": args.observer,
     }
     if args.actorder is not None:
-        d["actorder"] = args.actorder
+        # group-aware reordering keeps g_idx trivial: to a loader it is static act-order
+        d["actorder"] = "static" if args.actorder == "group_aware" else args.actorder
     return d
 
 

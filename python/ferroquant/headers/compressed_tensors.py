@@ -62,7 +62,8 @@ def _weights_args(w: dict[str, Any], where: str) -> QuantizationArgs:
             strategy=strategy,
             group_size=int(w["group_size"]) if strategy == "group" else None,
             actorder=actorder,
-            observer="mse" if w.get("observer") == "mse" else "minmax",
+            observer=w.get("observer") if w.get("observer") in ("mse", "hessian_mse")
+            else "minmax",
         )
     except (KeyError, TypeError, ValueError) as e:  # pydantic's ValidationError is a ValueError
         raise CheckpointError(f"{where}: {e}") from None

@@ -50,9 +50,11 @@ class GPTQModifier(WeightModifier):
         self.sequential = recipe.true_sequential
         self.report_rtn_loss = report_rtn_loss
         self._label = ""
-        # GPTAQ: the float model's inputs too, and (X - X~) X~^T per statistic
+        # GPTAQ and Qronos: the float model's inputs too, and (X - X~) X~^T per statistic
         self.gptaq_alpha = recipe.gptaq_alpha or None
-        self.needs_float_inputs = self.gptaq_alpha is not None
+        self.qronos = recipe.qronos
+        self.variant = "qronos" if self.qronos else "gptaq" if self.gptaq_alpha else "gptq"
+        self.needs_float_inputs = self.variant != "gptq"
         self._cross: weakref.WeakKeyDictionary[Any, solver.CrossAccumulator] = (
             weakref.WeakKeyDictionary())
 
@@ -86,7 +88,7 @@ class GPTQModifier(WeightModifier):
 
     def add_float_pairs(self, t: Target, state: Any, float_rows: list[torch.Tensor],
                         quant_rows: list[torch.Tensor], label: str) -> None:
-        """GPTAQ: folds ``(X - X~) X~^T`` of each sample into the state's cross accumulator,
+        """GPTAQ, Qronos: folds ``(X - X~) X~^T`` of each sample into the state's cross accumulator,
         sample by sample like the Hessian (same scaling)."""
         t0 = time.perf_counter()
         try:
@@ -138,19 +140,27 @@ class GPTQModifier(WeightModifier):
             return self.quantize_rtn(t, subset, note=note)
         t0 = time.perf_counter()
         h = self._hessian(t)
-        # the GPU solver takes the Hessian where it was accumulated; its MSE grid search is not
-        # ported yet, so that observer solves on the CPU
-        on_gpu = isinstance(t.state.core, fqcuda.HessianAccumulator) and a.observer != "mse"
+        # the GPU solver takes the Hessian where it was accumulated; its MSE grid searches are
+        # not ported yet, so those observers solve on the CPU
+        on_gpu = (isinstance(t.state.core, fqcuda.HessianAccumulator) and a.observer == "minmax"
+                  and a.actorder != "group_aware")  # GAR: CPU solver only, too
         backend: Any = fqcuda if on_gpu else solver
         extra: dict[str, Any] = {}
-        if self.gptaq_alpha is not None:  # GPTAQ: CPU solver only
+        if a.actorder == "group_aware":
+            extra["group_aware"] = True
+        if self.needs_float_inputs:  # GPTAQ, Qronos: CPU solver only
             backend = solver
             cross = self._cross.get(t.state)
             if cross is None or cross.samples != samples:
                 raise RuntimeError(
-                    f"layer {t.name!r}: GPTAQ needs the float model's inputs of every sample "
-                    f"({samples} tokens seen, {0 if cross is None else cross.samples} paired)")
-            extra = {"dxxt": cross.dxxt(), "gptaq_alpha": self.gptaq_alpha}
+                    f"layer {t.name!r}: {self.variant} needs the float model's inputs of every "
+                    f"sample ({samples} tokens seen, {0 if cross is None else cross.samples} "
+                    "paired)")
+            extra = {"dxxt": cross.dxxt()}
+            if self.qronos:
+                extra["qronos"] = True
+            else:
+                extra["gptaq_alpha"] = self.gptaq_alpha
         res = backend.gptq_quantize(
             w, h, bits=a.num_bits, symmetric=a.symmetric, group_size=a.effective_group_size,
             act_order=a.actorder is not None, static_groups=a.actorder == "static",
@@ -172,7 +182,7 @@ class GPTQModifier(WeightModifier):
                 f"(tried {', '.join(f'{x:.3g}' for x in attempts)})", RuntimeWarning,
                 stacklevel=2)
         return self.apply(
-            t, res, subset, method="gptq" if self.gptaq_alpha is None else "gptaq",
+            t, res, subset, method=self.variant,
             loss=float(res.loss), samples=samples,
             seconds=seconds, damp_frac=float(res.damp_frac), damp_attempts=attempts,
             dead_columns=len(res.dead_columns), rtn_loss=rtn_loss)

@@ -161,6 +161,7 @@ fn bench_gptq(c: &mut Criterion) {
         group_size: Some(128),
         act_order,
         static_groups: false,
+        group_aware: false,
         block_size: 128,
         damping: DampingPolicy::default(),
     };

@@ -59,8 +59,8 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::linalg::{self, DampingPolicy};
 use crate::quantizer::{
-    check_scales, dequantize_code, fit_group, minmax_params, quantize_code, GroupParams, Observer,
-    QuantSpec,
+    check_scales, dequantize_code, fit_group_weighted, minmax_params, quantize_code, GroupParams,
+    Observer, QuantSpec,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -73,6 +73,12 @@ pub struct GptqOptions {
     /// With act_order and groups: grids fixed up front per contiguous original group,
     /// so g_idx stays `col / group_size`.
     pub static_groups: bool,
+    /// With act_order and groups, group-aware reordering (GAR; GPTQModel's `act_group_aware`):
+    /// whole original groups are processed one after another, by descending max diag(H), and
+    /// the columns of each by descending diag(H); every grid is fitted when its group starts,
+    /// on its current (compensated) columns, and g_idx stays `col / group_size`. A ragged last
+    /// group is processed last. Not together with `static_groups`.
+    pub group_aware: bool,
     /// Lazy-batch width (default 128).
     pub block_size: usize,
     pub damping: DampingPolicy,
@@ -171,7 +177,12 @@ fn solve(
     let maxq = opts.spec.maxq();
 
     let diag_h: Vec<f32> = (0..cols).map(|i| hessian[i * cols + i]).collect();
-    let order = processing_order(&diag_h, opts.act_order);
+    let gar = group_aware_size(opts, grid)?;
+    let order = match gar {
+        Some(g) => group_aware_order(&diag_h, g),
+        None => processing_order(&diag_h, opts.act_order),
+    };
+    let hdiag_p: Vec<f32> = order.iter().map(|&c| diag_h[c]).collect();
     let fact = if opts.act_order {
         let mut hp = vec![0.0f32; cols * cols];
         hp.par_chunks_mut(cols).enumerate().for_each(|(i, row)| {
@@ -245,7 +256,7 @@ fn solve(
                 .zip(scales.par_iter_mut())
                 .zip(zeros.par_iter_mut())
                 .for_each(|((row, s), z)| {
-                    let gp = fit_group(row, &opts.spec);
+                    let gp = fit_group_weighted(row, Some(&hdiag_p), &opts.spec);
                     *s = gp.scale;
                     *z = gp.zero;
                 });
@@ -255,6 +266,7 @@ fn solve(
             cols,
             g,
             Some(&dead_orig),
+            Some(&diag_h),
             &opts.spec,
             &mut scales,
             &mut zeros,
@@ -277,6 +289,7 @@ fn solve(
         order: &order,
         dead: &dead_p,
         diag: &diag,
+        hdiag: &hdiag_p,
         spec: opts.spec,
         maxq,
         grid,
@@ -367,7 +380,21 @@ fn solve(
     }
     let loss = sum_e2.iter().sum::<f64>() - damp_value as f64 * sum_d2.iter().sum::<f64>();
 
-    let g_idx = grid.g_idx(cols, &order);
+    let g_idx = match gar {
+        // processing group k is the original group order[k·g] / g: grids back to that order
+        Some(g) => {
+            let natural: Vec<usize> = (0..n_groups).map(|k| order[k * g] / g).collect();
+            for (s, z) in scales.chunks_mut(n_groups).zip(zeros.chunks_mut(n_groups)) {
+                let (s0, z0) = (s.to_vec(), z.to_vec());
+                for (k, &nk) in natural.iter().enumerate() {
+                    s[nk] = s0[k];
+                    z[nk] = z0[k];
+                }
+            }
+            (0..cols).map(|c| (c / g) as i32).collect()
+        }
+        None => grid.g_idx(cols, &order),
+    };
     let (codes, dequantized, perm) = if opts.act_order {
         let mut codes = vec![0u8; rows * cols];
         codes
@@ -431,7 +458,7 @@ pub fn rtn_quantize(
     let maxq = spec.maxq();
     let mut scales = vec![0.0f32; rows * n_groups];
     let mut zeros = vec![0i32; rows * n_groups];
-    fit_groups_natural(weight, cols, g, None, spec, &mut scales, &mut zeros);
+    fit_groups_natural(weight, cols, g, None, None, spec, &mut scales, &mut zeros);
     check_scales(&scales, n_groups, spec.scale_dtype)?;
     let mut codes = vec![0u8; rows * cols];
     let mut dequantized = vec![0.0f32; rows * cols];
@@ -631,6 +658,55 @@ impl GroupMode {
     }
 }
 
+/// The group size when `opts` ask for group-aware reordering on dynamic groups (`None`
+/// otherwise: per channel it is plain act-order).
+fn group_aware_size(opts: &GptqOptions, grid: GroupMode) -> Result<Option<usize>> {
+    if !opts.group_aware {
+        return Ok(None);
+    }
+    if !opts.act_order {
+        return Err(Error::InvalidArgument(
+            "gptq: group_aware reorders the columns: it needs act_order".into(),
+        ));
+    }
+    match grid {
+        GroupMode::PerChannel => Ok(None),
+        GroupMode::Dynamic(g) => Ok(Some(g)),
+        GroupMode::Static(_) => Err(Error::InvalidArgument(
+            "gptq: group_aware and static_groups are two ways of keeping g_idx trivial; give \
+             one of them"
+                .into(),
+        )),
+    }
+}
+
+/// GAR's processing order: whole groups of `g` original columns by descending max of the key
+/// (stable), each group's columns by descending key (stable); a ragged last group goes last so
+/// that processing positions `k·g..` hold exactly one original group. The key is diag(H) with
+/// dead inputs counted as 1, as in [`processing_order`].
+pub fn group_aware_order(diag: &[f32], g: usize) -> Vec<usize> {
+    let n = diag.len();
+    let key = |c: usize| if diag[c] == 0.0 { 1.0 } else { diag[c] };
+    let full = n / g;
+    let mut groups: Vec<usize> = (0..full).collect();
+    let top = |k: usize| {
+        (k * g..(k + 1) * g)
+            .map(key)
+            .fold(f32::NEG_INFINITY, f32::max)
+    };
+    groups.sort_by(|&a, &b| top(b).total_cmp(&top(a)));
+    if n % g != 0 {
+        groups.push(full);
+    }
+    let mut order = Vec::with_capacity(n);
+    for k in groups {
+        let mut cols: Vec<usize> = (k * g..((k + 1) * g).min(n)).collect();
+        cols.sort_by(|&a, &b| key(b).total_cmp(&key(a)));
+        order.extend(cols);
+    }
+    order
+}
+
 /// Processing order: the identity, or with `act_order` descending diag(H) (stable), dead inputs
 /// (zero diagonal) counted as 1 as the reference sorts after setting their `H_ii = 1`.
 pub fn processing_order(diag: &[f32], act_order: bool) -> Vec<usize> {
@@ -767,6 +843,8 @@ struct SolveCtx<'a> {
     dead: &'a [bool],
     /// diag(U').
     diag: &'a [f32],
+    /// diag(H) by processing position (the Hessian-weighted grid search's weights).
+    hdiag: &'a [f32],
     spec: QuantSpec,
     maxq: u32,
     grid: GroupMode,
@@ -1078,13 +1156,14 @@ impl SolveCtx<'_> {
                     out[l] = minmax_params(lo[l], hi[l], &self.spec);
                 }
             }
-            Observer::Mse { .. } => {
+            Observer::Mse { .. } | Observer::HessianMse { .. } => {
                 let vals = &mut vals[..t.len()];
+                let h = &self.hdiag[p..end];
                 for (l, o) in out.iter_mut().enumerate().take(nr) {
                     for (v, x) in vals.iter_mut().zip(t.iter()) {
                         *v = x[l];
                     }
-                    *o = fit_group(vals, &self.spec);
+                    *o = fit_group_weighted(vals, Some(h), &self.spec);
                 }
             }
         }
@@ -1169,11 +1248,13 @@ impl BatchPack {
 }
 
 /// Fit grids per contiguous group of `g` original columns (optionally dead-zeroed).
+#[allow(clippy::too_many_arguments)]
 fn fit_groups_natural(
     weight: &[f32],
     cols: usize,
     g: usize,
     dead: Option<&[bool]>,
+    hdiag: Option<&[f32]>,
     spec: &QuantSpec,
     scales: &mut [f32],
     zeros: &mut [i32],
@@ -1189,6 +1270,7 @@ fn fit_groups_natural(
             |tmp, ((s, z), row)| {
                 for k in 0..n_groups {
                     let range = k * g..((k + 1) * g).min(cols);
+                    let h = hdiag.map(|h| &h[range.clone()]);
                     let gp = match dead {
                         Some(dead) if has_dead => {
                             let vals = &mut tmp[..range.len()];
@@ -1199,9 +1281,9 @@ fn fit_groups_natural(
                             {
                                 *x = if dd { 0.0 } else { w };
                             }
-                            fit_group(vals, spec)
+                            fit_group_weighted(vals, h, spec)
                         }
-                        _ => fit_group(&row[range], spec),
+                        _ => fit_group_weighted(&row[range], h, spec),
                     };
                     s[k] = gp.scale;
                     z[k] = gp.zero;
@@ -1266,7 +1348,7 @@ fn check_finite(data: &[f32], ncols: usize, what: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quantizer::ScaleDtype;
+    use crate::quantizer::{fit_group, ScaleDtype};
     use rand::rngs::StdRng;
     use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -1551,6 +1633,7 @@ mod tests {
             group_size: cfg.group,
             act_order: cfg.act_order,
             static_groups: cfg.static_groups,
+            group_aware: false,
             block_size,
             damping: DampingPolicy::default(),
         }
@@ -2597,4 +2680,15 @@ mod tests {
             gptaq_quantize(&w, rows, cols, &h, &bad, 0.25, &opts(all_cfgs()[0], 128)).unwrap_err();
         assert!(format!("{e}").contains("dxxt"), "{e}");
     }
+
+    /// GAR's order: groups by descending max key, a ragged group last, columns by key; dead
+    /// inputs count as 1.
+    #[test]
+    fn group_aware_order_sorts_groups_then_columns() {
+        let diag = [1.0, 5.0, 2.0, 9.0, 0.5, 3.0, 8.0, 0.0, 7.0, 100.0];
+        // groups of 3: {1,5,2} max 5, {9,.5,3} max 9, {8,0->1,7} max 8, ragged {100} last
+        let order = group_aware_order(&diag, 3);
+        assert_eq!(order, vec![3, 5, 4, 6, 8, 7, 1, 2, 0, 9]);
+    }
+
 }

@@ -15,6 +15,12 @@ pub enum Observer {
         max_shrink: f32,
         norm: f32,
     },
+    /// The shrink-grid search minimising Σ_j h_j (q(x_j) - x_j)², `h_j` the diagonal of the
+    /// layer's Hessian at column j: the diagonal part of GPTQ's loss `tr(ΔW H ΔWᵀ)`, so the
+    /// grid is chosen for the error the layer's outputs see (llm-compressor's `imatrix_mse`
+    /// weighs by E[x²] the same way). The GPTQ solver passes `h` when it fits a group; without
+    /// weights (round-to-nearest) it is the unweighted squared error.
+    HessianMse { grid: usize, max_shrink: f32 },
 }
 
 impl Observer {
@@ -205,11 +211,15 @@ impl QuantSpec {
                 self.bits
             )));
         }
-        if let Observer::Mse {
-            grid,
-            max_shrink,
-            norm,
-        } = self.observer
+        let (grid, max_shrink, norm) = match self.observer {
+            Observer::MinMax => return Ok(()),
+            Observer::Mse {
+                grid,
+                max_shrink,
+                norm,
+            } => (grid, max_shrink, norm),
+            Observer::HessianMse { grid, max_shrink } => (grid, max_shrink, 2.0),
+        };
         {
             if grid == 0 {
                 return Err(Error::InvalidArgument(
@@ -250,36 +260,47 @@ pub struct GroupParams {
 /// Values are assumed finite (callers validate); an empty slice behaves like an all-zero group.
 #[inline]
 pub fn fit_group(values: &[f32], spec: &QuantSpec) -> GroupParams {
+    fit_group_weighted(values, None, spec)
+}
+
+/// [`fit_group`] with per-value weights for [`Observer::HessianMse`] (`weights[j]` belongs to
+/// `values[j]`; ignored by the other observers).
+#[inline]
+pub fn fit_group_weighted(
+    values: &[f32],
+    weights: Option<&[f32]>,
+    spec: &QuantSpec,
+) -> GroupParams {
     let (xmin, xmax) = values
         .iter()
         .fold((0.0f32, 0.0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
-    match spec.observer {
-        Observer::MinMax => minmax_params(xmin, xmax, spec),
+    let (grid, max_shrink, norm, weights) = match spec.observer {
+        Observer::MinMax => return minmax_params(xmin, xmax, spec),
         Observer::Mse {
             grid,
             max_shrink,
             norm,
-        } => {
-            let (xmin, xmax) = reference_range(xmin, xmax, spec.symmetric);
-            let minmax = minmax_params(xmin, xmax, spec);
-            if !minmax.scale.is_finite() {
-                // The full range overflows the storage dtype: reported by `check_scales`
-                // rather than hidden behind a shrunken grid.
-                return minmax;
-            }
-            let search = MseSearch {
-                grid,
-                max_shrink,
-                norm,
-                maxq: spec.maxq(),
-                symmetric: spec.symmetric,
-                scale_dtype: spec.scale_dtype,
-                xmin,
-                xmax,
-            };
-            search.run(values, minmax)
-        }
+        } => (grid, max_shrink, norm, None),
+        Observer::HessianMse { grid, max_shrink } => (grid, max_shrink, 2.0, weights),
+    };
+    let (xmin, xmax) = reference_range(xmin, xmax, spec.symmetric);
+    let minmax = minmax_params(xmin, xmax, spec);
+    if !minmax.scale.is_finite() {
+        // The full range overflows the storage dtype: reported by `check_scales`
+        // rather than hidden behind a shrunken grid.
+        return minmax;
     }
+    let search = MseSearch {
+        grid,
+        max_shrink,
+        norm,
+        maxq: spec.maxq(),
+        symmetric: spec.symmetric,
+        scale_dtype: spec.scale_dtype,
+        xmin,
+        xmax,
+    };
+    search.run(values, weights, minmax)
 }
 
 /// The min-max grid from a group's minimum and maximum (`fit_group` with `Observer::MinMax`
@@ -347,28 +368,38 @@ struct MseSearch {
 
 impl MseSearch {
     #[inline(never)]
-    fn run(&self, values: &[f32], minmax: GroupParams) -> GroupParams {
+    fn run(&self, values: &[f32], weights: Option<&[f32]>, minmax: GroupParams) -> GroupParams {
         #[cfg(target_arch = "x86_64")]
         {
             if std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
             {
                 // SAFETY: the CPU supports the features the function is compiled for.
-                return unsafe { self.run_avx2(values, minmax) };
+                return unsafe { self.run_avx2(values, weights, minmax) };
             }
         }
-        self.run_generic(values, minmax)
+        self.run_generic(values, weights, minmax)
     }
 
     /// Same code built for AVX2 (inlined `round_ties_even`, 8-wide loops).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn run_avx2(&self, values: &[f32], minmax: GroupParams) -> GroupParams {
-        self.run_generic(values, minmax)
+    unsafe fn run_avx2(
+        &self,
+        values: &[f32],
+        weights: Option<&[f32]>,
+        minmax: GroupParams,
+    ) -> GroupParams {
+        self.run_generic(values, weights, minmax)
     }
 
     #[inline(always)]
-    fn run_generic(&self, values: &[f32], minmax: GroupParams) -> GroupParams {
+    fn run_generic(
+        &self,
+        values: &[f32],
+        weights: Option<&[f32]>,
+        minmax: GroupParams,
+    ) -> GroupParams {
         let maxq_f = self.maxq as f32;
         let steps = (self.max_shrink as f64 * self.grid as f64).floor() as usize;
         let mut best = f64::INFINITY;
@@ -380,7 +411,10 @@ impl MseSearch {
             let scale = self.scale_dtype.round((hi - lo) / maxq_f);
             let zero = grid_zero(lo, scale, self.maxq, self.symmetric, self.scale_dtype);
             let cand = GroupParams { scale, zero };
-            let err = shrink_error(values, cand, self.maxq, self.norm);
+            let err = match weights {
+                Some(h) => weighted_shrink_error(values, h, cand, self.maxq),
+                None => shrink_error(values, cand, self.maxq, self.norm),
+            };
             // Strict `<` keeps the first (widest) of equally good grids, as the reference does.
             if err < best {
                 best = err;
@@ -389,6 +423,17 @@ impl MseSearch {
         }
         best_params
     }
+}
+
+/// Σ h_j (dequant(quant(x_j)) - x_j)² for one candidate grid (f64 sum).
+#[inline(always)]
+fn weighted_shrink_error(values: &[f32], weights: &[f32], p: GroupParams, maxq: u32) -> f64 {
+    let mut err = 0.0f64;
+    for (&x, &h) in values.iter().zip(weights) {
+        let d = dequantize_code(quantize_code(x, p, maxq), p) - x;
+        err += (h * d * d) as f64;
+    }
+    err
 }
 
 /// Σ |dequant(quant(x)) - x|^norm for one candidate grid (f64 sum; fast path for norm 2).
@@ -516,6 +561,65 @@ mod tests {
             symmetric,
             observer,
             scale_dtype: ScaleDtype::F32,
+        }
+    }
+
+    /// The Hessian-weighted search keeps the candidate with the least Σ h (q(x) - x)² (checked
+    /// against an exhaustive pass over the same candidates), equals the squared-error search
+    /// under uniform weights, and without weights is that search.
+    #[test]
+    fn hessian_mse_minimises_the_weighted_error() {
+        let mut seed = 11u64;
+        for sym in [true, false] {
+            for trial in 0..20 {
+                let x: Vec<f32> = (0..32).map(|_| lcg(&mut seed)).collect();
+                let h: Vec<f32> = (0..32).map(|_| (3.0 * lcg(&mut seed)).exp()).collect();
+                let hm = spec(
+                    3,
+                    sym,
+                    Observer::HessianMse {
+                        grid: 100,
+                        max_shrink: 0.8,
+                    },
+                );
+                let got = fit_group_weighted(&x, Some(&h), &hm);
+                let err = |p: GroupParams| -> f64 {
+                    x.iter()
+                        .zip(&h)
+                        .map(|(&v, &w)| {
+                            let d = dequantize_code(quantize_code(v, p, 7), p) - v;
+                            (w * d * d) as f64
+                        })
+                        .sum()
+                };
+                let (lo, hi) = reference_range(
+                    x.iter().cloned().fold(0.0, f32::min),
+                    x.iter().cloned().fold(0.0, f32::max),
+                    sym,
+                );
+                let mut best = f64::INFINITY;
+                for i in 0..80 {
+                    let p = (1.0 - i as f64 / 100.0) as f32;
+                    let cand = minmax_params(p * lo, p * hi, &hm);
+                    best = best.min(err(cand));
+                }
+                assert_eq!(err(got), best, "trial {trial}");
+                let ones = vec![1.0f32; 32];
+                let mse2 = spec(
+                    3,
+                    sym,
+                    Observer::Mse {
+                        grid: 100,
+                        max_shrink: 0.8,
+                        norm: 2.0,
+                    },
+                );
+                assert_eq!(
+                    fit_group_weighted(&x, Some(&ones), &hm),
+                    fit_group(&x, &mse2)
+                );
+                assert_eq!(fit_group(&x, &hm), fit_group(&x, &mse2));
+            }
         }
     }
 

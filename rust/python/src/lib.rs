@@ -229,15 +229,19 @@ fn spec_arg(
     scale_dtype: &str,
 ) -> PyResult<QuantSpec> {
     let bits = bits_arg(bits)?;
+    let search = || -> PyResult<(usize, f32)> {
+        let grid = positive_usize("mse_grid", mse_grid)?;
+        if !(mse_maxshrink > 0.0 && mse_maxshrink <= 1.0) {
+            return Err(value_err(format!(
+                "mse_maxshrink must be in (0, 1] (got {mse_maxshrink})"
+            )));
+        }
+        Ok((grid, mse_maxshrink as f32))
+    };
     let observer = match observer {
         "minmax" => Observer::MinMax,
         "mse" => {
-            let grid = positive_usize("mse_grid", mse_grid)?;
-            if !(mse_maxshrink > 0.0 && mse_maxshrink <= 1.0) {
-                return Err(value_err(format!(
-                    "mse_maxshrink must be in (0, 1] (got {mse_maxshrink})"
-                )));
-            }
+            let (grid, max_shrink) = search()?;
             if !(mse_norm.is_finite() && mse_norm > 0.0) {
                 return Err(value_err(format!(
                     "mse_norm must be a positive finite number (got {mse_norm})"
@@ -245,13 +249,18 @@ fn spec_arg(
             }
             Observer::Mse {
                 grid,
-                max_shrink: mse_maxshrink as f32,
+                max_shrink,
                 norm: mse_norm as f32,
             }
         }
+        // squared error weighted by diag(H): the norm is 2 by construction
+        "hessian_mse" => {
+            let (grid, max_shrink) = search()?;
+            Observer::HessianMse { grid, max_shrink }
+        }
         other => {
             return Err(value_err(format!(
-                "observer must be 'minmax' or 'mse' (got '{other}')"
+                "observer must be 'minmax', 'mse' or 'hessian_mse' (got '{other}')"
             )))
         }
     };
@@ -306,6 +315,7 @@ fn gptq_options_arg(
         group_size: group_size_arg(group_size)?,
         act_order,
         static_groups,
+        group_aware: false,
         block_size: positive_usize("block_size", block_size)?,
         damping: damping_arg(damp_percent, damp_growth, damp_max)?,
     })
@@ -729,7 +739,7 @@ fn result_dict<'py>(py: Python<'py>, func: &str, r: GptqResult) -> PyResult<Boun
     weight, hessian, *, bits=4, symmetric=true, group_size=-1, act_order=false,
     static_groups=false, block_size=128, damp_percent=0.01, damp_growth=2.0, damp_max=1.0,
     observer="minmax", mse_grid=100, mse_maxshrink=0.8, mse_norm=2.4, scale_dtype="float32",
-    dxxt=None, gptaq_alpha=0.25
+    dxxt=None, gptaq_alpha=0.25, qronos=false, group_aware=false
 ))]
 #[allow(clippy::too_many_arguments)]
 fn gptq_quantize<'py>(
@@ -752,6 +762,8 @@ fn gptq_quantize<'py>(
     scale_dtype: &str,
     dxxt: Option<&Bound<'py, PyAny>>,
     gptaq_alpha: f64,
+    qronos: bool,
+    group_aware: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
     guarded("gptq_quantize", || {
         let spec = spec_arg(
@@ -763,7 +775,7 @@ fn gptq_quantize<'py>(
             mse_norm,
             scale_dtype,
         )?;
-        let opts = gptq_options_arg(
+        let mut opts = gptq_options_arg(
             spec,
             group_size,
             act_order,
@@ -773,16 +785,23 @@ fn gptq_quantize<'py>(
             damp_growth,
             damp_max,
         )?;
+        opts.group_aware = group_aware;
         let w = array2::<f32>(weight, "weight", "float32")?;
         let (rows, cols) = dims(&w);
         non_empty("weight", (rows, cols))?;
         let h = hessian_arg(hessian, Some(cols))?;
         let (ws, hs) = (slice(&w, "weight")?, slice(&h, "hessian")?);
-        // GPTAQ when the cross term is given (same shape checks as the Hessian).
+        // with the cross term: Qronos or GPTAQ (same shape checks as the Hessian)
         let d = dxxt.map(|d| hessian_arg(d, Some(cols))).transpose()?;
         let ds = d.as_ref().map(|d| slice(d, "dxxt")).transpose()?;
+        if qronos && ds.is_none() {
+            return Err(PyValueError::new_err(
+                "gptq_quantize: qronos=True needs dxxt",
+            ));
+        }
         let alpha = gptaq_alpha as f32;
         let r = compute(py, move || match ds {
+            Some(ds) if qronos => fq::qronos::qronos_quantize(ws, rows, cols, hs, ds, &opts),
             Some(ds) => fq::gptq::gptaq_quantize(ws, rows, cols, hs, ds, alpha, &opts),
             None => fq::gptq::gptq_quantize(ws, rows, cols, hs, &opts),
         })

@@ -1034,6 +1034,7 @@ mod tests {
             group_size: Some(128),
             act_order: false,
             static_groups: false,
+            group_aware: false,
             block_size: 128,
             damping: DampingPolicy::default(),
         }

@@ -514,6 +514,7 @@ mod tests {
             group_size: group,
             act_order: act,
             static_groups: stat,
+            group_aware: false,
             block_size: bs,
             damping: DampingPolicy::default(),
         }

@@ -61,6 +61,13 @@ pub fn check_options(rows: usize, cols: usize, opts: &GptqOptions) -> Result<Gro
     }
     opts.damping.validate()?;
     check_observer(&opts.spec)?;
+    if opts.group_aware && opts.act_order && matches!(mode, GroupMode::Dynamic(_)) {
+        return Err(Error::InvalidArgument(
+            "gptq (cuda): group-aware reordering is not implemented on the CUDA path yet; use \
+             actorder='static' or device='cpu'"
+                .into(),
+        ));
+    }
     // Kernel indices are 32-bit.
     if rows > i32::MAX as usize || cols > i32::MAX as usize {
         return Err(Error::InvalidArgument(format!(
@@ -74,8 +81,9 @@ pub fn check_options(rows: usize, cols: usize, opts: &GptqOptions) -> Result<Gro
 pub fn check_observer(spec: &QuantSpec) -> Result<()> {
     match spec.observer {
         Observer::MinMax => Ok(()),
-        Observer::Mse { .. } => Err(Error::InvalidArgument(
-            "gptq (cuda): the MSE observer is not implemented on the CUDA path yet; use \
+        Observer::Mse { .. } | Observer::HessianMse { .. } => Err(Error::InvalidArgument(
+            "gptq (cuda): the MSE observer is not implemented on the CUDA path yet (nor its \
+             Hessian-weighted form); use \
              observer='minmax' or device='cpu'"
                 .into(),
         )),
@@ -288,6 +296,7 @@ mod tests {
             group_size: Some(128),
             act_order: false,
             static_groups: false,
+            group_aware: false,
             block_size: 128,
             damping: DampingPolicy::default(),
         };
@@ -298,6 +307,11 @@ mod tests {
         );
         o.spec.observer = Observer::MinMax;
         assert_eq!(check_options(8, 8, &o).unwrap(), GroupMode::Dynamic(128));
+        o.act_order = true;
+        o.group_aware = true;
+        let e = check_options(8, 8, &o).unwrap_err().to_string();
+        assert!(e.contains("group-aware") && e.contains("device='cpu'"), "{e}");
+        o.group_aware = false;
         o.block_size = 0;
         assert!(check_options(8, 8, &o)
             .unwrap_err()
