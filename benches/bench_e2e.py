@@ -299,7 +299,7 @@ def run_worker(python: str, script: str | Path, wcfg: dict[str, Any],
 def spawn(method: str, scheme_name: str, scheme: dict[str, Any], cfg: dict[str, Any],
           args: argparse.Namespace) -> dict[str, Any]:
     wcfg = {**cfg, "method": method, "scheme": scheme}
-    print(f"  {scheme_name:<26} {method:<14}", end="", flush=True)
+    print(f"  {scheme_name:<26} {method:<27}", end="", flush=True)
     res = run_worker(python_for(method, args), __file__, wcfg, args.threads)
     if "error" in res:
         print(f"FAILED ({res['process_s']:.0f} s)\n{res.pop('tail')}")
@@ -450,6 +450,17 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"bench_e2e: {raw_path} was measured with {saved.get('cfg')}, "
                              f"not {cfg}; drop --merge or match the settings")
     runs: dict[str, dict[str, Any]] = saved.get("runs", {})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    notes = list(dict.fromkeys([*saved.get("notes", []), *(args.note or [])]))
+    args.note = notes
+
+    def save_raw() -> None:
+        """After every row: a run cut short keeps what it measured (--merge resumes it)."""
+        tmp = raw_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"cfg": cfg, "desc": desc, "runs": runs, "notes": notes},
+                                  indent=1))
+        tmp.replace(raw_path)
+
     print(f"bench_e2e {args.model}: {desc}")
     fresh_float = not args.merge  # without --merge, float is measured again (once)
     for name, scheme in schemes.items():
@@ -462,8 +473,10 @@ def main(argv: list[str] | None = None) -> int:
                     runs.setdefault("float", {})["float"] = spawn("float", "float", scheme, cfg,
                                                                   args)
                     fresh_float = False
+                    save_raw()
                 continue
             runs.setdefault(name, {})[method] = spawn(method, name, scheme, cfg, args)
+            save_raw()
     fl = runs.get("float", {}).get("float")
     results: dict[str, list[dict[str, Any]]] = {}
     for name, scheme in SCHEMES[args.model].items():
@@ -471,11 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += [runs[name][m] for m in METHODS if m in runs.get(name, {})]
         if len(rows) > (1 if fl else 0):
             results[name] = rows
-    out.parent.mkdir(parents=True, exist_ok=True)
-    notes = list(dict.fromkeys([*saved.get("notes", []), *(args.note or [])]))
-    args.note = notes
-    raw_path.write_text(json.dumps({"cfg": cfg, "desc": desc, "runs": runs, "notes": notes},
-                                   indent=1))
+    save_raw()
     md = table(args.model, cfg, desc, results, args)
     out.write_text(md)
     print()

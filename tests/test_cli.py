@@ -182,6 +182,23 @@ def test_quantize_with_recipe_file_and_flag_override(capsys, tmp_path, calib_fil
     assert "saved compressed-tensors checkpoint" in stdout
 
 
+@needs_data
+def test_quantize_with_the_quality_methods(capsys, tmp_path, calib_file):
+    """--method qronos, --actorder group_aware and --observer hessian_mse reach the solve and
+    the saved recipe."""
+    out = tmp_path / "qr"
+    rc, stdout, err = run(capsys, "quantize", STORIES, out, "--scheme", "W4A16",
+                          "--group-size", "-1", "--format", "compressed-tensors",
+                          "--method", "qronos", "--actorder", "group_aware",
+                          "--observer", "hessian_mse", "--calibration", calib_file,
+                          "--num-samples", "4", "--seq-len", "128")
+    assert rc == 0, err
+    saved = GPTQ.from_file(out / "recipe.yaml")
+    assert (saved.qronos, saved.actorder, saved.observer) == (True, "group_aware",
+                                                              "hessian_mse")
+    assert "saved compressed-tensors checkpoint" in stdout
+
+
 # ------------------------------------------------------------------------------------------
 # bad input: one line on stderr, exit status 2, no traceback
 

@@ -2690,5 +2690,4 @@ mod tests {
         let order = group_aware_order(&diag, 3);
         assert_eq!(order, vec![3, 5, 4, 6, 8, 7, 1, 2, 0, 9]);
     }
-
 }

@@ -75,22 +75,16 @@ pub fn qronos_start(
                 m.len()
             )));
         }
+    }
+    for (what, m) in [("weight", weight), ("hessian", hessian), ("dxxt", dxxt)] {
         if let Some(i) = m.iter().position(|x| !x.is_finite()) {
+            let kind = if m[i].is_nan() { "NaN" } else { "Inf" };
             return Err(Error::NonFinite(format!(
-                "qronos: {what} contains {} at row {}, column {}",
-                if m[i].is_nan() { "NaN" } else { "Inf" },
+                "qronos: {what} contains {kind} at row {}, column {}",
                 i / n,
                 i % n
             )));
         }
-    }
-    if let Some(i) = weight.iter().position(|x| !x.is_finite()) {
-        return Err(Error::NonFinite(format!(
-            "qronos: weight contains {} at row {}, column {}",
-            if weight[i].is_nan() { "NaN" } else { "Inf" },
-            i / n,
-            i % n
-        )));
     }
     opts.damping.validate()?;
     let diag: Vec<f32> = (0..n).map(|i| hessian[i * n + i]).collect();

@@ -310,7 +310,10 @@ mod tests {
         o.act_order = true;
         o.group_aware = true;
         let e = check_options(8, 8, &o).unwrap_err().to_string();
-        assert!(e.contains("group-aware") && e.contains("device='cpu'"), "{e}");
+        assert!(
+            e.contains("group-aware") && e.contains("device='cpu'"),
+            "{e}"
+        );
         o.group_aware = false;
         o.block_size = 0;
         assert!(check_options(8, 8, &o)
