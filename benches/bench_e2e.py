@@ -255,6 +255,7 @@ def worker(args: argparse.Namespace) -> None:
         "method": method, "ppl": ppl, "quant_s": quant_s if method != "float" else 0.0,
         "eval_s": eval_s, "load_s": load_s, "layers": n_layers,
         "loadavg": [load_before, load_after], "torch_threads": torch.get_num_threads(),
+        "date": f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d}",
         **DETAILS,
     }))
 
@@ -382,7 +383,10 @@ def table(model_name: str, cfg: dict[str, Any], desc: str,
             rel = f"{100 * (r['ppl'] / floor - 1):+.2f}%" if floor else ""
             qt = "-" if r["method"] == "float" else f"{r['quant_s']:.2f}"
             ratio = ""
-            if llmc and r["method"] not in ("float",) and r["quant_s"] > 0:
+            # a time ratio only between rows measured on the same day (merged files hold rows
+            # of several runs)
+            if (llmc and r["method"] not in ("float",) and r["quant_s"] > 0
+                    and r.get("date") == llmc.get("date")):
                 ratio = f"{llmc['quant_s'] / r['quant_s']:.2f}x"
             lines.append(f"| {scheme_name} | {r['method']} | {r['ppl']:.4f} | {rel} | {qt} | "
                          f"{ratio} | {r.get('layers', '')} | {r['loadavg'][0]:.1f} |")
