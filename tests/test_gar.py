@@ -101,3 +101,28 @@ def test_checkpoint_holds_the_solved_model(tmp_path, fmt: str) -> None:
     if fmt == "compressed-tensors":  # a loader sees static act-order (trivial g_idx)
         qc = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]
         assert {g["weights"]["actorder"] for g in qc["config_groups"].values()} == {"static"}
+
+
+def test_combines_with_qronos_and_the_weighted_search() -> None:
+    """Qronos + group_aware + hessian_mse in the pipeline: grids stay in natural groups (the
+    modifier refuses a permuted g_idx under group_aware), and the result differs from Qronos
+    with plain static act-order."""
+    pytest.importorskip("transformers")
+    import copy
+
+    import ferroquant as fq
+    from tiny_models import random_ids, tiny_lm
+
+    model = tiny_lm("llama")
+    ids = random_ids(4, 24, seed=11)
+    got = {}
+    for order in ("group_aware", "static"):
+        m = copy.deepcopy(model)
+        fq.quantize(m, {"scheme": "W4A16", "group_size": 16, "actorder": order,
+                        "observer": "hessian_mse", "qronos": True}, ids, show_progress=False)
+        got[order] = {n: mod.fq_quant for n, mod in m.named_modules()
+                      if getattr(mod, "fq_quant", None) is not None}
+    for name, q in got["group_aware"].items():
+        assert torch.equal(q.g_idx.long(), torch.arange(q.g_idx.numel()) // 16), name
+    assert any(not torch.equal(q.codes, got["static"][n].codes)
+               for n, q in got["group_aware"].items())

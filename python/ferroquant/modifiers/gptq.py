@@ -156,7 +156,7 @@ class GPTQModifier(WeightModifier):
                     f"layer {t.name!r}: {self.variant} needs the float model's inputs of every "
                     f"sample ({samples} tokens seen, {0 if cross is None else cross.samples} "
                     "paired)")
-            extra = {"dxxt": cross.dxxt()}
+            extra["dxxt"] = cross.dxxt()
             if self.qronos:
                 extra["qronos"] = True
             else:

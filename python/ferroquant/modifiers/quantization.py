@@ -222,6 +222,11 @@ class WeightModifier(Modifier):
             raise RuntimeError(f"layer {t.name!r}: the solver's dequantized weight differs from "
                                f"scale*(code-zero) by {diff:.3g}; codes/scales/zeros are "
                                "inconsistent")
+        gs = a.effective_group_size
+        if a.actorder in ("static", "group_aware") and gs > 0 and not torch.equal(
+                qw.g_idx.long(), torch.arange(qw.g_idx.numel()) // gs):
+            raise RuntimeError(f"layer {t.name!r}: actorder {a.actorder!r} keeps g_idx "
+                               "trivial, but the solver returned a permuted one")
         t.write_weight(deq.t() if transposed else deq)
         setattr(t.module, ATTR, qw)
         self._quantize_activations(t)
