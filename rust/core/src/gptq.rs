@@ -659,8 +659,8 @@ impl GroupMode {
 }
 
 /// The group size when `opts` ask for group-aware reordering on dynamic groups (`None`
-/// otherwise: per channel it is plain act-order).
-fn group_aware_size(opts: &GptqOptions, grid: GroupMode) -> Result<Option<usize>> {
+/// otherwise: per channel it is plain act-order); errors for the combinations it excludes.
+pub(crate) fn group_aware_size(opts: &GptqOptions, grid: GroupMode) -> Result<Option<usize>> {
     if !opts.group_aware {
         return Ok(None);
     }
@@ -686,7 +686,7 @@ fn group_aware_size(opts: &GptqOptions, grid: GroupMode) -> Result<Option<usize>
 /// dead inputs counted as 1, as in [`processing_order`].
 pub fn group_aware_order(diag: &[f32], g: usize) -> Vec<usize> {
     let n = diag.len();
-    let key = |c: usize| if diag[c] == 0.0 { 1.0 } else { diag[c] };
+    let key = |c: usize| order_key(diag[c]);
     let full = n / g;
     let mut groups: Vec<usize> = (0..full).collect();
     let top = |k: usize| {
@@ -712,13 +712,20 @@ pub fn group_aware_order(diag: &[f32], g: usize) -> Vec<usize> {
 pub fn processing_order(diag: &[f32], act_order: bool) -> Vec<usize> {
     let mut order: Vec<usize> = (0..diag.len()).collect();
     if act_order {
-        let key: Vec<f32> = diag
-            .iter()
-            .map(|&d| if d == 0.0 { 1.0 } else { d })
-            .collect();
+        let key: Vec<f32> = diag.iter().map(|&d| order_key(d)).collect();
         order.sort_by(|&a, &b| key[b].total_cmp(&key[a]));
     }
     order
+}
+
+/// A column's act-order sort key: its diag(H), a dead input (zero diagonal) counted as 1.
+#[inline]
+fn order_key(d: f32) -> f32 {
+    if d == 0.0 {
+        1.0
+    } else {
+        d
+    }
 }
 
 /// The error for a non-positive or non-finite pivot `value` of the damped factor at column `j`.

@@ -61,7 +61,8 @@ pub fn check_options(rows: usize, cols: usize, opts: &GptqOptions) -> Result<Gro
     }
     opts.damping.validate()?;
     check_observer(&opts.spec)?;
-    if opts.group_aware && opts.act_order && matches!(mode, GroupMode::Dynamic(_)) {
+    // the CPU solver's rule for when group-aware reordering applies (and its errors)
+    if crate::gptq::group_aware_size(opts, mode)?.is_some() {
         return Err(Error::InvalidArgument(
             "gptq (cuda): group-aware reordering is not implemented on the CUDA path yet; use \
              actorder='static' or device='cpu'"
@@ -307,8 +308,10 @@ mod tests {
         );
         o.spec.observer = Observer::MinMax;
         assert_eq!(check_options(8, 8, &o).unwrap(), GroupMode::Dynamic(128));
-        o.act_order = true;
         o.group_aware = true;
+        let e = check_options(8, 8, &o).unwrap_err().to_string();
+        assert!(e.contains("it needs act_order"), "{e}");
+        o.act_order = true;
         let e = check_options(8, 8, &o).unwrap_err().to_string();
         assert!(
             e.contains("group-aware") && e.contains("device='cpu'"),
