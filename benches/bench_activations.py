@@ -559,12 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else (e2e.REPO / "benches" / "results"
                                            / "activations-smollm2.md")
     raw = out.with_suffix(".json")
-    saved: dict[str, Any] = {}
-    if args.merge and raw.is_file():
-        saved = json.loads(raw.read_text())
-        if saved.get("cfg") != cfg:
-            raise SystemExit(f"bench_activations: {raw} was measured with {saved.get('cfg')}, "
-                             f"not {cfg}; drop --merge or match the settings")
+    saved = e2e.load_merged(raw, cfg, args.merge, "bench_activations")
     llmc_py = e2e.python_for("llmcompressor", args)
     skipped = None
     if not Path(llmc_py).exists():
@@ -581,11 +576,8 @@ def main(argv: list[str] | None = None) -> int:
     args.note = notes
 
     def save_raw(wall: float) -> None:
-        raw.parent.mkdir(parents=True, exist_ok=True)
-        tmp = raw.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"cfg": cfg, "desc": desc, "runs": runs, "notes": notes,
-                                   "last_invocation_wall_s": round(wall, 1)}, indent=1))
-        tmp.replace(raw)
+        e2e.write_json(raw, {"cfg": cfg, "desc": desc, "runs": runs, "notes": notes,
+                             "last_invocation_wall_s": round(wall, 1)})
 
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

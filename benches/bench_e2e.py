@@ -264,6 +264,27 @@ def worker(args: argparse.Namespace) -> None:
 # parent: run workers, write the table
 
 
+def load_merged(raw: Path, cfg: dict[str, Any], merge: bool, tool: str) -> dict[str, Any]:
+    """The earlier results in ``raw`` to merge into (``{}`` without ``merge`` or a file);
+    ``SystemExit`` when they were measured with other settings than ``cfg``."""
+    if not (merge and raw.is_file()):
+        return {}
+    saved = json.loads(raw.read_text())
+    if saved.get("cfg") != cfg:
+        raise SystemExit(f"{tool}: {raw} was measured with {saved.get('cfg')}, not {cfg}; "
+                         "drop --merge or match the settings")
+    return saved
+
+
+def write_json(path: Path, data: Any) -> None:
+    """``data`` as indented JSON, replacing ``path`` atomically: the raw results are rewritten
+    after every row, and a run cut short keeps the last complete file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
 def python_for(method: str, args: argparse.Namespace) -> str:
     if not method.startswith("llmcompressor"):
         return sys.executable
@@ -340,10 +361,13 @@ def versions(py: str) -> str:
 
 def table(model_name: str, cfg: dict[str, Any], desc: str,
           results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> str:
+    # what the workers ran with (merged files hold rows of several invocations)
+    threads = sorted({r["torch_threads"] for rows in results.values() for r in rows
+                      if "torch_threads" in r})
     lines = [f"# End-to-end GPTQ: {model_name}", "",
              f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
              f"- machine: {machine()}",
-             (f"- torch threads per run: {args.threads or 'default'}; 1-minute load average "
+             (f"- torch threads per run: {' or '.join(map(str, threads)) or '?'}; 1-minute load average "
               "before each quantization is in the last column (other jobs share this machine)"),
              f"- ferroquant env: {versions(sys.executable)}",
              f"- llm-compressor env: {versions(python_for('llmcompressor', args))}",
@@ -447,23 +471,13 @@ def main(argv: list[str] | None = None) -> int:
     raw_path = out.with_suffix(".json")
     # Raw results of every run, merged across invocations (the same inputs are required), so
     # a slow method can be re-measured alone: --methods ferroquant updates only its rows.
-    saved: dict[str, Any] = {}
-    if args.merge and raw_path.is_file():
-        saved = json.loads(raw_path.read_text())
-        if saved.get("cfg") != cfg:
-            raise SystemExit(f"bench_e2e: {raw_path} was measured with {saved.get('cfg')}, "
-                             f"not {cfg}; drop --merge or match the settings")
+    saved = load_merged(raw_path, cfg, args.merge, "bench_e2e")
     runs: dict[str, dict[str, Any]] = saved.get("runs", {})
-    out.parent.mkdir(parents=True, exist_ok=True)
     notes = list(dict.fromkeys([*saved.get("notes", []), *(args.note or [])]))
     args.note = notes
 
-    def save_raw() -> None:
-        """After every row: a run cut short keeps what it measured (--merge resumes it)."""
-        tmp = raw_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"cfg": cfg, "desc": desc, "runs": runs, "notes": notes},
-                                  indent=1))
-        tmp.replace(raw_path)
+    def save_raw() -> None:  # after every row (--merge resumes a run cut short)
+        write_json(raw_path, {"cfg": cfg, "desc": desc, "runs": runs, "notes": notes})
 
     print(f"bench_e2e {args.model}: {desc}")
     fresh_float = not args.merge  # without --merge, float is measured again (once)

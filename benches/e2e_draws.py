@@ -34,6 +34,7 @@ RESULTS = REPO / "benches" / "results"
 SCHEMES = {"W4 g64": "e2e-smollm2-draws", "W3 g64": "e2e-smollm2-w3g64-draws"}
 sys.path.insert(0, str(REPO / "benches"))
 from bench_e2e import METHODS as ALL_METHODS
+from bench_e2e import write_json
 
 METHODS = [m for m in ALL_METHODS if m not in ("float", "rtn")]
 DEFAULT_METHODS = ["ferroquant", "ferroquant-bf16", "llmcompressor"]
@@ -68,7 +69,7 @@ def run(seeds: list[int], methods: list[str]) -> None:
             if "error" not in row:
                 rows[method] = row
         raw["cfg"] = {k: v for k, v in got["cfg"].items() if k != "calib_seed"}
-        raw_path().write_text(json.dumps(raw, indent=1))  # after every draw: a run may be cut
+        write_json(raw_path(), raw)  # after every draw: a run may be cut
         if rc:
             print(f"e2e_draws: draw {seed} had failed rows (exit {rc}); kept the others")
     summary()
